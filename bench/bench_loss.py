@@ -45,7 +45,11 @@ def main() -> None:
     dev = torch.device(args.device)
     repeats = args.repeats or (100 if dev.type == "cuda" else 20)
     sched = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
         steps_offset=1,
     )
     sched.set_timesteps(20)
@@ -59,14 +63,15 @@ def main() -> None:
         impls = {"official": official_loss, "closed": closed_loss}
         res = {}
         for impl, fn in impls.items():
+            inputs = (policy, ref, x, xw, xl, t, sched)
 
-            def fwd(fn=fn):
+            def fwd(fn=fn, a=inputs):
                 with torch.no_grad():
-                    fn(policy, ref, x, xw, xl, t, sched)
+                    fn(*a)
 
-            def full(fn=fn):
-                policy.grad = None
-                fn(policy, ref, x, xw, xl, t, sched).backward()
+            def full(fn=fn, a=inputs):
+                a[0].grad = None
+                fn(*a).backward()
 
             res[impl] = {
                 "forward_s": median_time(fwd, dev, repeats),

@@ -174,8 +174,10 @@ def ddim_coefficients(
     if alphas is None:
         raise ValueError("scheduler has no alphas_cumprod: pass a diffusers DDIMScheduler")
     t_train = int(_cfg(scheduler, "num_train_timesteps", len(alphas)))
-    dev = torch.device(device) if device is not None else (
-        timesteps.device if isinstance(timesteps, Tensor) else torch.device("cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (timesteps.device if isinstance(timesteps, Tensor) else torch.device("cpu"))
     )
     t = _as_timesteps(timesteps, batch_size, dev)
     if t.numel() and bool(((t < 0) | (t >= t_train)).any()):

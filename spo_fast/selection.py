@@ -12,7 +12,7 @@ __all__ = ["select_pairs", "pair_margin", "check_threshold"]
 
 def check_threshold(threshold: float) -> float:
     if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must lie in [0, 1) (softmax margin; the paper uses 0.3 for SD1.5), got {threshold}")
+        raise ValueError(f"threshold must lie in [0, 1) (a softmax margin; the paper uses 0.3), got {threshold}")
     return float(threshold)
 
 
