@@ -14,7 +14,16 @@ from .ddim import (
     predict_x0_eps,
     previous_timesteps,
 )
-from .loss import SPOLoss, spo_log_ratio, spo_log_ratios, spo_loss, spo_loss_from_log_ratios, spo_loss_per_pair
+from .loss import (
+    CFGPrediction,
+    SPOLoss,
+    loss_impl,
+    spo_log_ratio,
+    spo_log_ratios,
+    spo_loss,
+    spo_loss_from_log_ratios,
+    spo_loss_per_pair,
+)
 from .selection import pair_margin, select_pairs
 
 __version__ = "0.1.0"
@@ -29,7 +38,9 @@ __all__ = [
     "ddim_step_mean",
     "predict_x0_eps",
     "previous_timesteps",
+    "CFGPrediction",
     "SPOLoss",
+    "loss_impl",
     "spo_log_ratio",
     "spo_log_ratios",
     "spo_loss",

@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a kernel is
+# decorated, so it must be set before any test imports spo_fast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DATA = Path(__file__).parent / "data"
 
 # Two cores: keep torch from oversubscribing when pytest-xdist or child processes run beside us.
