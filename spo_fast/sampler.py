@@ -1,0 +1,286 @@
+"""The SPO pool sampler with the step-wise resampler (DESIGN.md section 2), batched over prompts and candidates.
+
+One pass over a batch of b prompts:
+
+* steps ``i < divert_step``: one stochastic DDIM trajectory per prompt;
+* at ``divert_step`` the chain branches: k candidates from the same mean (independent noise);
+* each candidate follows its own chain for ``inner_steps`` more steps (0 for SD1.5, 3 in the SDXL recipe);
+* the candidates' predicted x0 are scored at their timestep (the final x_0 at timestep 0); best and worst form a
+  pair (valid when the softmax margin exceeds the threshold); a uniformly random candidate continues and
+  branches again. The UNet output that predicted the continuation's x0 is reused for its next step, so every
+  scored step costs one UNet evaluation of the k*b candidates, as in the official sampler.
+
+With ``divert_step=0, inner_steps=num_steps-1`` a pass is trajectory-level: k full trajectories per prompt labelled
+by the final image (the Diffusion-DPO / D3PO baseline, ``--method dpo``).
+
+The sampler knows the model only through ``denoiser(latents, timesteps, cond) -> model_output`` (CFG inside), the
+scheduler, and ``scorer(x0, timesteps, prompt_index) -> scores``; it never loops over prompts or candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ddim import ddim_coefficients, ddim_step, predict_x0_eps
+from .ledger import PairLedger, select_step
+from .selection import check_threshold
+
+__all__ = ["PoolSamplerConfig", "PoolPairs", "PoolLog", "PoolResult", "PoolSampler", "ddim_sample"]
+
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+Scorer = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class PoolSamplerConfig:
+    num_steps: int = 20
+    num_candidates: int = 4
+    divert_step: int = 4
+    inner_steps: int = 0
+    threshold: float = 0.3
+    eta: float = 1.0
+
+    def validate(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.num_candidates < 2:
+            raise ValueError(f"num_candidates (k) must be >= 2 to form a win-lose pair, got {self.num_candidates}")
+        if not 0 <= self.divert_step < self.num_steps:
+            raise ValueError(
+                f"divert_step must lie in [0, num_steps - 1] = [0, {self.num_steps - 1}], got {self.divert_step}"
+            )
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        check_threshold(self.threshold)
+        if not (self.eta > 0 and math.isfinite(self.eta)):
+            raise ValueError(f"eta must be > 0 for SPO (the pool needs stochastic steps), got {self.eta}")
+
+
+@dataclass
+class PoolPairs:
+    """Training transitions of the valid pairs. ``parent_lose`` is None when win and lose share their parent
+    (``inner_steps == 0``), so the trainer runs one policy and one reference forward per pair."""
+
+    parent_win: Tensor
+    win: Tensor
+    lose: Tensor
+    timesteps: Tensor
+    prompt_index: Tensor  # column in the pass's prompt batch
+    step_index: Tensor  # denoising step index i of the transition
+    margin: Tensor
+    parent_lose: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.win.shape[0]
+
+    @property
+    def shared_parent(self) -> bool:
+        return self.parent_lose is None
+
+    def select(self, idx: Tensor) -> PoolPairs:
+        f = {k: (v[idx] if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return PoolPairs(**f)
+
+    def to(self, device: torch.device | str) -> PoolPairs:
+        return PoolPairs(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()})
+
+    @staticmethod
+    def cat(items: list[PoolPairs]) -> PoolPairs:
+        keys = PoolPairs.__dataclass_fields__
+        shared = all(i.parent_lose is None for i in items)
+        out = {}
+        for k in keys:
+            if k == "parent_lose":
+                out[k] = (
+                    None
+                    if shared
+                    else torch.cat([i.parent_lose if i.parent_lose is not None else i.parent_win for i in items])
+                )
+            else:
+                out[k] = torch.cat([getattr(i, k) for i in items])
+        return PoolPairs(**out)
+
+
+@dataclass
+class PoolLog:
+    """Per scored step: score timestep, scores [k, b], valid/margin/win/lose/next [b]."""
+
+    score_timesteps: list[int] = field(default_factory=list)
+    transition_timesteps: list[list[int]] = field(default_factory=list)
+    scores: list[Tensor] = field(default_factory=list)
+    valid: list[Tensor] = field(default_factory=list)
+    margin: list[Tensor] = field(default_factory=list)
+    win: list[Tensor] = field(default_factory=list)
+    lose: list[Tensor] = field(default_factory=list)
+    next_index: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PoolResult:
+    pairs: PoolPairs
+    log: PoolLog
+    final: Tensor  # [b, ...] the continued chain's x_0
+    unet_rows: int  # latent rows through the UNet (CFG doubling counted by the denoiser's owner)
+    num_invalid: int = 0
+
+
+class PoolSampler:
+    """Batched SPO pool sampling; see the module docstring."""
+
+    def __init__(self, denoiser: Denoiser, scheduler: Any, scorer: Scorer, config: PoolSamplerConfig) -> None:
+        config.validate()
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        self.scorer = scorer
+        self.config = config
+        scheduler.set_timesteps(config.num_steps)
+        self.timesteps = [int(t) for t in scheduler.timesteps]
+
+    def _coeffs(self, i: int, n: int, device: torch.device):
+        return ddim_coefficients(
+            self.scheduler, self.timesteps[i], self.config.eta, batch_size=n, device=device,
+            num_inference_steps=self.config.num_steps,
+        )  # fmt: skip
+
+    def _t(self, i: int, n: int, device: torch.device) -> Tensor:
+        return torch.full((n,), self.timesteps[i], dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Any,
+        latents: Tensor,
+        generator: torch.Generator | None = None,
+        ledger: PairLedger | None = None,
+        pass_index: int = 0,
+        prompt_ids: Tensor | None = None,
+        seed: int = 0,
+    ) -> PoolResult:
+        """Run one pass from initial noise ``latents [b, C, h, w]`` with text conditioning ``cond`` (indexable
+        by prompt). The continuation draws come from the ledger's counter RNG keyed (seed, pass_index, step)."""
+        cfg = self.config
+        k, n_steps = cfg.num_candidates, cfg.num_steps
+        b, dev = latents.shape[0], latents.device
+        if b == 0:
+            raise ValueError("the prompt batch is empty")
+        ledger = ledger if ledger is not None else PairLedger(seed=seed)
+        ledger.begin_pass(pass_index, prompt_ids if prompt_ids is not None else torch.arange(b))
+        cols = torch.arange(b, device=dev)
+        cond_k = cond[cols.repeat(k).cpu()] if k > 1 else cond  # candidate r*b + j belongs to prompt j
+        rows = 0
+
+        x = latents
+        for i in range(cfg.divert_step):
+            pred = self.denoiser(x, self._t(i, b, dev), cond)
+            rows += b
+            x = ddim_step(self._coeffs(i, b, dev), pred, x, generator=generator)
+        pred_parent = self.denoiser(x, self._t(cfg.divert_step, b, dev), cond)
+        rows += b
+
+        log = PoolLog()
+        segments: list[list[Tensor]] = []  # per scored step: states [m+2] of [k, b, ...]
+        parent_choice = torch.full((b,), -1, dtype=torch.long)
+        i = cfg.divert_step
+        while i < n_steps:
+            m = min(cfg.inner_steps, n_steps - 1 - i)
+            states = [x.unsqueeze(0).expand(k, *x.shape)]
+            cur = ddim_step(self._coeffs(i, b, dev), pred_parent, x, num_candidates=k, generator=generator)
+            states.append(cur)
+            for j in range(1, m + 1):
+                flat = cur.reshape(k * b, *x.shape[1:])
+                pred = self.denoiser(flat, self._t(i + j, k * b, dev), cond_k)
+                rows += k * b
+                cur = ddim_step(self._coeffs(i + j, k * b, dev), pred, flat, generator=generator).view_as(cur)
+                states.append(cur)
+            i_next = i + m + 1
+            flat = cur.reshape(k * b, *x.shape[1:])
+            if i_next < n_steps:
+                pred_all = self.denoiser(flat, self._t(i_next, k * b, dev), cond_k)
+                rows += k * b
+                x0, _ = predict_x0_eps(self._coeffs(i_next, k * b, dev), pred_all, flat)
+                score_t = self.timesteps[i_next]
+            else:
+                pred_all, x0, score_t = None, flat, 0
+            scores = self.scorer(x0, torch.full((k * b,), score_t, dtype=torch.long, device=dev), cols.repeat(k))
+            scores = scores.reshape(k, b).float()
+            sel = select_step(scores, cfg.threshold, seed, pass_index, i)
+            ledger.record_step(i, self.timesteps[i], sel, parent_choice)
+            nxt = sel.next_index.to(dev)
+            x = cur[nxt, cols]
+            if pred_all is not None:
+                pred_parent = pred_all.view(k, b, *x.shape[1:])[nxt, cols]
+            parent_choice = sel.next_index.cpu()
+            segments.append(states)
+            log.score_timesteps.append(score_t)
+            log.transition_timesteps.append(self.timesteps[i : i + m + 1])
+            for name in ("valid", "margin", "win", "lose", "next_index"):
+                getattr(log, name).append(getattr(sel, name).cpu())
+            log.scores.append(scores.cpu())
+            i = i_next
+
+        pp = ledger.end_pass()
+        pairs = self._gather(pp, segments, log)
+        return PoolResult(pairs, log, x, rows, int(pp.num_invalid))
+
+    def _gather(self, pp: Any, segments: list[list[Tensor]], log: PoolLog) -> PoolPairs:
+        """Expand each valid (step, prompt) record into its m+1 transitions and gather the latents."""
+        shared = all(len(s) == 2 for s in segments)
+        parts: dict[str, list[Tensor]] = {k: [] for k in ("pw", "pl", "w", "l", "t", "p", "s", "m")}
+        for slot in pp.step_slot.unique().tolist():
+            sel = pp.step_slot == slot
+            col, win, lose = pp.column[sel], pp.win[sel], pp.lose[sel]
+            states = segments[slot]
+            dev = states[0].device
+            col_d, win_d, lose_d = col.to(dev), win.to(dev), lose.to(dev)
+            for j, t in enumerate(log.transition_timesteps[slot]):
+                parts["pw"].append(states[j][win_d, col_d])
+                parts["pl"].append(states[j][lose_d, col_d])
+                parts["w"].append(states[j + 1][win_d, col_d])
+                parts["l"].append(states[j + 1][lose_d, col_d])
+                parts["t"].append(torch.full_like(col, t))
+                parts["p"].append(col)
+                parts["s"].append(torch.full_like(col, self.timesteps.index(t)))
+                parts["m"].append(pp.margin[sel].float())
+        if not parts["w"]:
+            shape = segments[0][0].shape[2:] if segments else (0,)
+            dev = segments[0][0].device if segments else "cpu"
+            empty = torch.empty(0, *shape, device=dev)
+            e = torch.empty(0, dtype=torch.long)
+            return PoolPairs(empty, empty, empty, e, e, e, torch.empty(0), None if shared else empty)
+        return PoolPairs(
+            parent_win=torch.cat(parts["pw"]),
+            win=torch.cat(parts["w"]),
+            lose=torch.cat(parts["l"]),
+            timesteps=torch.cat(parts["t"]),
+            prompt_index=torch.cat(parts["p"]),
+            step_index=torch.cat(parts["s"]),
+            margin=torch.cat(parts["m"]),
+            parent_lose=None if shared else torch.cat(parts["pl"]),
+        )
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoiser: Denoiser,
+    scheduler: Any,
+    latents: Tensor,
+    cond: Any,
+    num_steps: int = 20,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Plain DDIM generation (no pools): returns the final latents x_0. eta = 0 is deterministic."""
+    scheduler.set_timesteps(num_steps)
+    x, b = latents, latents.shape[0]
+    for t in scheduler.timesteps.tolist():
+        ts = torch.full((b,), int(t), dtype=torch.long, device=x.device)
+        pred = denoiser(x, ts, cond)
+        c = ddim_coefficients(scheduler, ts, eta, batch_size=b, device=x.device, num_inference_steps=num_steps)
+        x = ddim_step(c, pred, x, generator=generator) if eta > 0 else ddim_step(c, pred, x, noise=torch.zeros_like(x))
+    return x
