@@ -58,7 +58,7 @@ class PreferenceConfig:
 @dataclass
 class DataConfig:
     prompts: str = _f("toy", "prompt file (.json with 'caption', .txt, .csv, .parquet) or 'toy' (toy train split)")
-    column: str = _f("caption", "column / key holding the prompt for json, csv and parquet files")
+    column: str = _f("", "column / key of the prompt in json, csv and parquet files; empty = caption, prompt or text")
     eval_prompts: str = _f("toy", "held-out prompts for evaluation: a file, 'toy', or '' to skip evaluation")
     num_eval_prompts: int = _f(32, "how many held-out prompts to evaluate (first n)")
 
@@ -123,7 +123,7 @@ class SPOConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "toy": {},
     "sd15": {
-        "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "lora_rank": 4, "dtype": "fp16"},
+        "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "kind": "sd15", "lora_rank": 4, "dtype": "fp16"},
         "preference": {"kind": "step_aware"},
         "data": {"prompts": "4k_training_prompts.json", "eval_prompts": "", "num_eval_prompts": 16},
         "sampling": {"num_candidates": 4, "divert_step": 4, "threshold": 0.3, "batch_size": 10},
@@ -133,6 +133,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sdxl": {
         "model": {
             "pretrained": "stabilityai/stable-diffusion-xl-base-1.0",
+            "kind": "sdxl",
             "vae": "madebyollin/sdxl-vae-fp16-fix",
             "lora_rank": 64,
             "dtype": "fp16",

@@ -112,7 +112,7 @@ def load_components(
         raise ValueError(f"model kind must be one of {_KINDS}, got {kind!r}")
     if detected and detected != kind:
         raise ValueError(
-            f"{pretrained} holds an {detected} pipeline but kind={kind!r} was requested: set kind={detected}"
+            f"{pretrained} holds an {detected} pipeline, not {kind}: use --preset {detected} or model.kind={detected}"
         )
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=torch_dtype)

@@ -93,8 +93,6 @@ def validate_config(cfg: SPOConfig) -> None:
             "preference.kind=step_aware needs preference.checkpoint: the official step-aware preference model "
             "(see README 'Train SD1.5 / SDXL' for where to get it)"
         )
-    if cfg.model.kind == "sd15" and cfg.sampling.inner_steps and cfg.preset == "sdxl":
-        raise ValueError("the sdxl preset was combined with model.kind=sd15: use --preset sd15 for SD1.5 models")
 
 
 @dataclass
@@ -124,7 +122,7 @@ def _load_prompts(spec: str, column: str, split: str) -> list[str]:
         return world.train_prompts() if split == "train" else world.heldout_prompts()
     from .data import load_prompts
 
-    return load_prompts(spec, column=column)
+    return load_prompts(spec, column=column or None)
 
 
 class SPOTrainer:

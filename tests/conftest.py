@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+# Tests never download: a hub id that is not cached fails at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a kernel is
 # decorated, so it must be set before any test imports spo_fast.kernels.
 if not torch.cuda.is_available():
