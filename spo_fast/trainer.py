@@ -117,9 +117,10 @@ class DecodeScorer:
 
 def _load_prompts(spec: str, column: str, split: str) -> list[str]:
     if spec == "toy":
-        from .toy import world
+        from .toy import prompt_splits
 
-        return world.train_prompts() if split == "train" else world.heldout_prompts()
+        train, heldout = prompt_splits()
+        return list(train if split == "train" else heldout)
     from .data import load_prompts
 
     return load_prompts(spec, column=column or None)
