@@ -1,0 +1,43 @@
+"""bench/bench_e2e.py --scale small runs on CPU and reports every field for both modes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def test_bench_e2e_small(tmp_path):
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "bench_e2e.py", "--scale", "small", "--prompts", "2", "--k", "2", "--steps", "6",
+           "--divert", "3", "--train-batch", "2", "--warmup", "0", "--iters", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["environment"]["torch"] and data["config"]["scale"] == "small"
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert set(modes) == {"official", "fast"}
+    for m in modes.values():
+        assert m["seconds_per_iteration"] > 0 and m["images_per_second"] > 0
+        assert set(m["phases"]) >= {"sampling", "sampling_unet", "sampling_decode", "sampling_score", "training"}
+        assert m["unet_flops_per_row"]["train"] > m["unet_flops_per_row"]["forward"] > 0
+        assert m["state_bytes"] > 0 and "peak_memory_bytes" in m and "mfu" in m
+    # same seed, same prompts, noise and resampler: the same pairs (threshold 0: every scored step pairs)
+    assert modes["official"]["pairs_per_iteration"] == modes["fast"]["pairs_per_iteration"] == [2 * 3]
+    # the official mode holds a second UNet (the deep-copied reference)
+    assert modes["fast"]["state_bytes"] < modes["official"]["state_bytes"]
+    assert data["speedups"]["fast"]["training"] > 0
+
+
+@pytest.mark.parametrize("mode", ["fast+head", "nope"])
+def test_bench_e2e_rejects_unavailable_modes(mode):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(BENCH))
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--modes", mode])
