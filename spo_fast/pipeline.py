@@ -247,7 +247,8 @@ class CFGDenoiser:
         t = timesteps.expand(b) if timesteps.ndim == 0 or timesteps.numel() == 1 else timesteps
         if self.guidance_scale <= 1.0 and not return_halves:
             return self.unet_forward(latents, t, cond)
-        uncond = self.uncond[torch.zeros(b, dtype=torch.long)].to(latents.device)
+        # Index on the embeddings' device: a CPU index into CUDA tensors is a blocking copy that breaks graph capture.
+        uncond = self.uncond[torch.zeros(b, dtype=torch.long, device=self.uncond.embeds.device)].to(latents.device)
         both = PromptEmbeds.cat([uncond, cond])
         out = self.unet_forward(torch.cat([latents, latents]), torch.cat([t, t]), both)
         u, c = out.chunk(2)
