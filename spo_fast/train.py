@@ -4,6 +4,8 @@
     python -m spo_fast.train --preset sd15 --model.pretrained runwayml/stable-diffusion-v1-5 \\
         --preference.checkpoint sd-v1-5_step_aware.bin --data.prompts 4k_training_prompts.json
     python -m spo_fast.train --config run.yaml --train.lr 1e-4 --print-config
+    torchrun --nproc_per_node 8 -m spo_fast.train --preset sd15 ...    # DDP, one process per GPU
+    torchrun --nproc_per_node 8 -m spo_fast.train --deepspeed configs/deepspeed/zero2_lora.json ...
 
 Settings resolve as preset < config file < ``--section.key value`` overrides.
 """
@@ -31,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--resume", action="store_true", help="continue the run in log.output_dir from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in log.output_dir")
+    d = p.add_argument_group("distributed (launch with torchrun; see README)")
+    d.add_argument("--deepspeed", default=None, metavar="JSON", help="DeepSpeed config (ZeRO-1/2 for LoRA, ZeRO-3 for "
+                   "full fine-tuning); batch sizes must agree with train.batch_size / train.grad_accum")  # fmt: skip
+    d.add_argument("--dist-timeout", type=float, default=None, metavar="S", help="seconds a collective may wait "
+                   "(default 900, env SPO_FAST_DIST_TIMEOUT)")  # fmt: skip
+    d.add_argument("--dist-init-timeout", type=float, default=None, metavar="S", help="seconds to reach the master "
+                   "and the other ranks (default 120, env SPO_FAST_DIST_INIT_TIMEOUT)")  # fmt: skip
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK from the environment is what is used.
+    d.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("config keys (--section.key value)")
     for key, help_text in field_help().items():
         g.add_argument(f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text)
@@ -58,14 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
+    from .distributed import init_distributed
     from .trainer import NonFiniteLossError, SPOTrainer
 
+    ctx, clean = None, True
     try:
-        trainer = SPOTrainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        ctx = init_distributed(
+            cfg.train.device,
+            timeout_s=args.dist_timeout,
+            init_timeout_s=args.dist_init_timeout,
+            force_group=args.deepspeed is not None,
+        )
+        if ctx.rank != 0:  # one copy of the progress messages; warnings and errors still come from every rank
+            logging.getLogger().setLevel(logging.WARNING)
+        trainer = SPOTrainer(
+            cfg, resume=args.resume, overwrite=args.overwrite, dist=ctx, deepspeed_config=args.deepspeed
+        )
         summary = trainer.run()
     except (ValueError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"rank {ctx.rank}/{ctx.world_size}: " if ctx is not None and ctx.enabled else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
+    except BaseException:
+        clean = False
+        raise
+    finally:
+        if ctx is not None:
+            ctx.close(barrier=clean)
+    if ctx.rank != 0:
+        return 0
     print(json.dumps(summary, indent=2))
     print(
         f"\nSPO run written to {summary['output_dir']}: report.png, metrics.jsonl, samples_*.png, lora/, checkpoints/"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import SPOConfig, config_hash, config_to_dict
+from .distributed import DistributedContext, digest, load_deepspeed_config, require_deepspeed
 from .ledger import PairLedger
 from .loss import spo_log_ratio, spo_loss_from_log_ratios, spo_loss_per_pair
 from .pipeline import CFGDenoiser, DiffusionComponents, PromptEncoder, add_lora, load_components, save_lora
@@ -127,18 +128,75 @@ def _load_prompts(spec: str, column: str, split: str) -> list[str]:
 
 
 class SPOTrainer:
-    """Owns the models, the sampler, the ledger and the optimizer for one run."""
+    """Owns the models, the sampler, the ledger and the optimizer for one run.
+
+    Distributed (``dist`` from :func:`spo_fast.distributed.init_distributed`, or an already initialised process
+    group): every rank builds the same trainer, samples its own prompts, and :meth:`run` gathers all ranks' pairs,
+    trains each rank on its shard of the shared order with DDP (or DeepSpeed with ``deepspeed_config``), and writes
+    logs, samples and checkpoints from rank 0 only. Methods that communicate must be called on every rank.
+    """
 
     def __init__(
-        self, cfg: SPOConfig, resume: bool = False, overwrite: bool = False, image_scorer: Any | None = None
+        self,
+        cfg: SPOConfig,
+        resume: bool = False,
+        overwrite: bool = False,
+        image_scorer: Any | None = None,
+        dist: DistributedContext | None = None,
+        deepspeed_config: str | os.PathLike | dict[str, Any] | None = None,
     ) -> None:
         """``image_scorer(images[-1, 1], timesteps, prompts) -> scores`` replaces the configured preference model
-        (any step-aware reward: the sampler scores decoded predicted x0 at their timestep)."""
+        (any step-aware reward: the sampler scores decoded predicted x0 at their timestep). ``deepspeed_config`` is a
+        DeepSpeed JSON config (path or dict); see :func:`spo_fast.distributed.load_deepspeed_config`."""
         validate_config(cfg)
         self.cfg = cfg
         self._custom_scorer = image_scorer
         self.out = Path(cfg.log.output_dir)
-        self.rank, self.world_size = 0, 1
+        if dist is None:
+            initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+            dist = DistributedContext.from_process_group(cfg.train.device) if initialised else DistributedContext()
+        self.dist = dist
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self._collective_step(self._load_inputs, deepspeed_config)
+        # A rank with another config, prompt list or DeepSpeed config would sample, shard or step differently and
+        # deadlock (or silently diverge) later: compare digests now and fail on every rank, naming the odd ones out.
+        self.dist.check_same("config (config_hash)", config_hash(cfg, ignore=("log.progress",)), "launch every rank "
+                             "with the same --preset/--config/overrides")  # fmt: skip
+        self.dist.check_same("training prompt list", digest(self.train_prompts))
+        self.dist.check_same("DeepSpeed config", digest(self.ds_config))
+        self._collective_step(self._check_output, resume, overwrite)
+        self._prepare_output(overwrite)
+        if self.dist.enabled:
+            self.device = self.dist.device
+        else:
+            dev = cfg.train.device
+            self.device = torch.device(
+                "cuda" if dev == "auto" and torch.cuda.is_available() else dev if dev != "auto" else "cpu"
+            )
+        self._collective_step(self._build_models)
+        self._setup_parallel()
+        self.iteration = 0
+        self.opt_step = 0
+        self.unet_rows = {"sampling": 0, "training": 0}
+        self.ledger = PairLedger(seed=cfg.train.seed)
+        if resume:
+            self._load_checkpoint()
+
+    def _collective_step(self, fn: Any, *args: Any) -> None:
+        """Run a setup step that may fail on one rank only (a missing file on one node): every rank raises then,
+        instead of the others waiting in the next collective until the timeout."""
+        if not self.dist.enabled:
+            fn(*args)
+            return
+        error = None
+        try:
+            fn(*args)
+        except (ValueError, OSError) as e:  # a DistributedError raised on every rank is agreed on like any other
+            error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        self.dist.agree(error)
+
+    def _load_inputs(self, deepspeed_config: str | os.PathLike | dict[str, Any] | None) -> None:
+        cfg = self.cfg
         self.train_prompts = _load_prompts(cfg.data.prompts, cfg.data.column, "train")
         if not self.train_prompts:
             raise ValueError(f"the prompt list {cfg.data.prompts!r} is empty")
@@ -147,21 +205,26 @@ class SPOTrainer:
             if cfg.data.eval_prompts
             else []
         )
-        self._prepare_output(resume, overwrite)
-        dev = cfg.train.device
-        self.device = torch.device(
-            "cuda" if dev == "auto" and torch.cuda.is_available() else dev if dev != "auto" else "cpu"
-        )
-        self._build_models()
-        self.iteration = 0
-        self.opt_step = 0
-        self.unet_rows = {"sampling": 0, "training": 0}
-        self.ledger = PairLedger(seed=cfg.train.seed)
-        if resume:
-            self._load_checkpoint()
+        self.ds_config = None
+        if deepspeed_config is not None:
+            t = cfg.train
+            self.ds_config = load_deepspeed_config(
+                deepspeed_config, t.batch_size, t.grad_accum, self.world_size, t.max_grad_norm, cfg.model.lora_rank > 0
+            )
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _prepare_output(self, resume: bool, overwrite: bool) -> None:
+    def _prepare_output(self, overwrite: bool) -> None:
+        # Every rank has checked the old run folder before rank 0 changes it (_check_output ends in a collective).
+        if self.rank == 0:
+            if overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            d = config_to_dict(self.cfg)
+            d["_hash"] = config_hash(self.cfg)
+            _atomic_write_text(self.out / "config.json", json.dumps(d, indent=2))
+        self.dist.barrier()
+
+    def _check_output(self, resume: bool, overwrite: bool) -> None:
         cfg_path = self.out / "config.json"
         if cfg_path.is_file() and not overwrite:
             old = json.loads(cfg_path.read_text())
@@ -182,12 +245,6 @@ class SPOTrainer:
                 raise ValueError(f"{self.out} already holds this run: pass --resume to continue it or --overwrite")
         elif resume and not cfg_path.is_file():
             raise ValueError(f"--resume given but {self.out} holds no run (no config.json)")
-        if overwrite and self.out.exists() and self.rank == 0:
-            shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        d = config_to_dict(self.cfg)
-        d["_hash"] = config_hash(self.cfg)
-        _atomic_write_text(cfg_path, json.dumps(d, indent=2))
 
     def _build_models(self) -> None:
         cfg = self.cfg
@@ -202,7 +259,13 @@ class SPOTrainer:
         )
         unet = self.components.unet
         if cfg.model.lora_rank > 0:
-            self.params = add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha or None, cfg.model.lora_targets)
+            # peft draws the LoRA A matrices from the global RNG: seed it from train.seed (without disturbing the
+            # caller's RNG) so that two runs of one config start from the same adapter, which a resumed run and a
+            # multi-rank run (rank 0's adapter is broadcast) are compared against.
+            forked = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=forked, device_type=self.device.type if forked else "cuda"):
+                torch.manual_seed(_stream_seed(cfg.train.seed, 3))
+                self.params = add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha or None, cfg.model.lora_targets)
             self.ref_unet = None
         else:
             import copy
@@ -238,6 +301,50 @@ class SPOTrainer:
             sc = PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta)
         self.scorer = DecodeScorer(self.components, self.image_scorer)
         self.sampler = PoolSampler(self._policy_no_grad, self.components.scheduler, self.scorer, sc)
+
+    def _setup_parallel(self) -> None:
+        """Wrap the UNet for the policy's training forward: DeepSpeed engine, DDP, or nothing (one process).
+
+        Sampling, evaluation and the reference forward keep calling the unwrapped UNet (``self.policy`` and
+        ``self.reference``): they run without gradients and must not enter DDP's reducer."""
+        unet = self.components.unet
+        self.engine: Any = None
+        self.zero_stage = 0
+        if self.ds_config is not None:
+            deepspeed = require_deepspeed()
+            if not torch.distributed.is_initialized():
+                raise ValueError(
+                    "--deepspeed needs a process group: launch with torchrun or deepspeed (or use "
+                    "spo_fast.distributed.init_distributed(force_group=True))"
+                )
+            # Our AdamW and LambdaLR go in as client objects: DeepSpeed steps both, and the scheduler keeps
+            # editing the lr of the param groups that DeepSpeed's ZeRO optimizer shares with the AdamW.
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=unet,
+                model_parameters=self.params,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                config=self.ds_config,
+                dist_init_required=False,
+            )
+            self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0) or 0)
+            train_unet: Any = self.engine
+        else:
+            train_unet = self.dist.wrap_ddp(unet)
+        self.train_unet = train_unet
+        g = self.policy.guidance_scale
+        self.train_policy = self.policy if train_unet is unet else CFGDenoiser(train_unet, self.policy.uncond, g)
+
+    def _all_ranks_forward(self) -> bool:
+        """ZeRO-3 partitions the weights: every forward (evaluation too) needs all ranks to gather them."""
+        return self.zero_stage == 3
+
+    def _gathered_params(self) -> Any:
+        if not self._all_ranks_forward():
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.components.unet.parameters()), modifier_rank=None)
 
     def _build_preference(self) -> Any:
         if self._custom_scorer is not None:
@@ -298,6 +405,22 @@ class SPOTrainer:
                 stats["records"] += v.numel()
         return PoolPairs.cat(all_pairs), prompts_all, stats
 
+    def gather_pairs(
+        self, pairs: PoolPairs, prompts: list[str], stats: dict[str, Any] | None = None
+    ) -> tuple[PoolPairs, list[str], dict[str, Any] | None]:
+        """Every rank's pairs and prompts on every rank, in rank order (collective); ``stats`` summed over ranks.
+        One process: returned unchanged."""
+        pairs, prompts = self.dist.gather_pairs(pairs, prompts)
+        if stats is not None and self.dist.enabled:
+            merged: dict[str, Any] = {"valid": 0, "records": 0, "scores": {}}
+            for s in self.dist.all_gather_object(stats):
+                merged["valid"] += s["valid"]
+                merged["records"] += s["records"]
+                for t, v in s["scores"].items():
+                    merged["scores"].setdefault(t, []).extend(v)
+            stats = merged
+        return pairs, prompts, stats
+
     # ----------------------------------------------------------------------------------------------- training
     def _predict(self, denoiser: CFGDenoiser, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         with self._autocast():
@@ -316,7 +439,7 @@ class SPOTrainer:
             x = torch.cat([pairs.parent_win, pairs.parent_lose])
             cond = type(cond).cat([cond, cond])
             ts = torch.cat([ts, ts])
-        policy = self._predict(self.policy, x, ts, cond).float()
+        policy = self._predict(self.train_policy, x, ts, cond).float()
         with torch.no_grad(), self._adapters_disabled():
             ref = self._predict(self.reference, x, ts, cond).float()
         n = len(pairs)
@@ -359,25 +482,44 @@ class SPOTrainer:
             order = self.ledger.shard(order, self.rank, self.world_size)
             batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
             for bi, idx in enumerate(batches):
+                # Every rank holds the same number of micro-batches (equal shards), so all reach the sync together.
+                sync = (bi + 1) % t.grad_accum == 0 or bi == len(batches) - 1
                 mb = pairs.select(idx).to(self.device)
-                per_pair, rw, rl = self.pair_loss(mb, prompts)
-                loss = per_pair.mean()
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss.item()} at iteration {iteration}; the last good checkpoint in "
-                        f"{self.out / 'checkpoints'} is kept (try a lower train.lr or train.mixed_precision=no)"
-                    )
-                (loss / t.grad_accum).backward()
+                # DeepSpeed accumulates on its own (set_gradient_accumulation_boundary below); DDP needs no_sync.
+                with self.dist.maybe_no_sync(self.train_unet if self.engine is None else None, sync):
+                    per_pair, rw, rl = self.pair_loss(mb, prompts)
+                    loss = per_pair.mean()
+                    finite = bool(torch.isfinite(loss))
+                    # Collective, so that every rank stops (one rank raising alone would leave the others waiting
+                    # in the gradient all-reduce).
+                    if not self.dist.all_true(finite):
+                        where = f"loss {loss.item()}" if not finite else "a non-finite loss on another rank"
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({where}) at iteration {iteration}; the last good checkpoint in "
+                            f"{self.out / 'checkpoints'} is kept (try a lower train.lr or train.mixed_precision=no)"
+                        )
+                    if self.engine is not None:
+                        self.engine.set_gradient_accumulation_boundary(sync)
+                        self.engine.backward(loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
+                    else:
+                        (loss / t.grad_accum).backward()
                 logs["loss"].append(loss.item())
                 logs["ratio_win"].append(rw.mean().item())
                 logs["ratio_lose"].append(rl.mean().item())
-                if (bi + 1) % t.grad_accum == 0 or bi == len(batches) - 1:
+                if sync:
                     logs["grad_norm"].append(self._optimizer_step())
         self.components.unet.eval()
-        return {k: sum(v) / len(v) for k, v in logs.items() if v}
+        # Shards are equal, so the mean over ranks of per-rank means is the mean over the union (grad_norm is global
+        # already: gradients are all-reduced before the norm).
+        return self.dist.mean_over_ranks({k: sum(v) / len(v) for k, v in logs.items() if v})
 
     def _optimizer_step(self) -> float:
         t = self.cfg.train
+        if self.engine is not None:  # clips (gradient_clipping = train.max_grad_norm), steps AdamW and the scheduler
+            self.engine.step()
+            self.opt_step += 1
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
         # A list, not a filter(...) iterator: the official trainer's exhausted iterator made clipping a no-op.
         grads = [p for p in self.params if p.grad is not None]
         if t.max_grad_norm > 0:
@@ -414,48 +556,100 @@ class SPOTrainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        trainable = {n: p.detach().cpu() for n, p in self.components.unet.named_parameters() if p.requires_grad}
-        state = {
+        """Write ``checkpoints/iter_N.pt`` (or ``checkpoints/deepspeed/iter_N/`` with DeepSpeed) and point
+        ``checkpoints/latest`` at it. Collective: every rank calls it; rank 0 writes (with DeepSpeed every rank
+        writes its own ZeRO shards). ``latest`` moves only after everything is written, so a crash mid-save resumes
+        from the previous checkpoint."""
+        ledgers = self.dist.all_gather_object(self.ledger.state_dict())
+        meta = {
             "version": CHECKPOINT_VERSION,
             "iteration": self.iteration,
             "opt_step": self.opt_step,
-            "trainable": trainable,
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "ledger": self.ledger.state_dict(),
+            "ledger": ledgers[0],
+            "ledger_ranks": ledgers,  # each rank's sampling statistics, restored per rank
+            "world_size": self.world_size,
             "unet_rows": dict(self.unet_rows),
             "config_hash": config_hash(self.cfg),
         }
-        path = self._ckpt_dir() / f"iter_{self.iteration:06d}.pt"
-        atomic_save(state, path)
-        _atomic_write_text(self._ckpt_dir() / "latest", path.name)
-        for old in sorted(self._ckpt_dir().glob("iter_*.pt"))[: -self.cfg.log.keep_checkpoints]:
-            old.unlink()
+        name = f"iter_{self.iteration:06d}"
+        ckpt = self._ckpt_dir()
+        if self.engine is not None:
+            path = ckpt / "deepspeed" / name
+            self.engine.save_checkpoint(str(path.parent), tag=name, client_state=meta, save_latest=False)
+            self.dist.barrier()  # every rank's shards are on disk before `latest` points at them
+        else:
+            path = ckpt / f"{name}.pt"
+            if self.rank == 0:
+                trainable = {n: p.detach().cpu() for n, p in self.components.unet.named_parameters() if p.requires_grad}
+                state = {
+                    **meta,
+                    "trainable": trainable,
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                }
+                atomic_save(state, path)
+        if self.rank == 0:
+            _atomic_write_text(ckpt / "latest", str(path.relative_to(ckpt)))
+            keep = self.cfg.log.keep_checkpoints
+            for old in sorted(ckpt.glob("iter_*.pt"))[:-keep]:
+                old.unlink()
+            for old in sorted((ckpt / "deepspeed").glob("iter_*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return path
 
     def _load_checkpoint(self) -> None:
         latest = self._ckpt_dir() / "latest"
-        if not latest.is_file():
+        name = latest.read_text().strip() if latest.is_file() else ""
+        self.dist.check_same(
+            "latest checkpoint", name or "<none>", "every rank must see the same log.output_dir (a shared filesystem "
+            "on multi-node runs)"
+        )  # fmt: skip
+        if not name:
             logger.info("no checkpoint in %s: starting from iteration 0", self._ckpt_dir())
             return
-        state = torch.load(self._ckpt_dir() / latest.read_text().strip(), map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} != supported {CHECKPOINT_VERSION}")
-        named = dict(self.components.unet.named_parameters())
-        missing = set(state["trainable"]) - set(named)
-        if missing:
-            raise ValueError(f"checkpoint holds parameters this model lacks: {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for n, v in state["trainable"].items():
-                named[n].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.ledger.load_state_dict(state["ledger"])
+        is_ds = name.startswith("deepspeed/")
+        if is_ds != (self.engine is not None):
+            saved, now = ("DeepSpeed", "without --deepspeed") if is_ds else ("DDP / one process", "with --deepspeed")
+            raise ValueError(f"the checkpoint {name} was written by a {saved} run; it cannot be resumed {now}")
+        if is_ds:
+            path, state = self.engine.load_checkpoint(
+                str(self._ckpt_dir() / "deepspeed"), tag=Path(name).name, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise ValueError(f"DeepSpeed could not load the checkpoint {self._ckpt_dir() / name}")
+            if state.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"checkpoint version {state.get('version')} != supported {CHECKPOINT_VERSION}")
+        else:
+            state = torch.load(self._ckpt_dir() / name, map_location="cpu", weights_only=False)
+            if state.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"checkpoint version {state.get('version')} != supported {CHECKPOINT_VERSION}")
+            named = dict(self.components.unet.named_parameters())
+            missing = set(state["trainable"]) - set(named)
+            if missing:
+                raise ValueError(f"checkpoint holds parameters this model lacks: {sorted(missing)[:5]}")
+            with torch.no_grad():
+                for n, v in state["trainable"].items():
+                    named[n].copy_(v)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ledgers = state.get("ledger_ranks")
+        if ledgers is not None and len(ledgers) == self.world_size:
+            self.ledger.load_state_dict(ledgers[self.rank])
+        else:
+            if ledgers is not None:
+                logger.warning(
+                    "the checkpoint was written by %d ranks, this run has %d: every rank restores rank 0's sampling "
+                    "statistics (training state is unaffected)", len(ledgers), self.world_size
+                )  # fmt: skip
+            self.ledger.load_state_dict(state["ledger"])
         self.iteration = state["iteration"]
         self.opt_step = state["opt_step"]
         self.unet_rows = dict(state["unet_rows"])
-        self._truncate_metrics(self.iteration)
-        logger.info("resumed from %s at iteration %d", latest.read_text().strip(), self.iteration)
+        if self.rank == 0:
+            self._truncate_metrics(self.iteration)
+        self.dist.barrier()
+        logger.info("resumed from %s at iteration %d", name, self.iteration)
 
     def _truncate_metrics(self, iteration: int) -> None:
         path = self.out / "metrics.jsonl"
@@ -477,10 +671,15 @@ class SPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if self.iteration == 0 and self.eval_prompts:
-            before = self.evaluate(return_images=True)
-            self._log({"iteration": 0, "eval_score": before["eval_score"], "unet_rows": dict(self.unet_rows)})
-            self._save_grid(before["images"], "samples_before.png")
+        # Evaluation runs on rank 0 alone (the others go on sampling and wait at the next gather), except under
+        # ZeRO-3, where every forward needs every rank.
+        eval_here = self.rank == 0 or self._all_ranks_forward()
+        if self.iteration == 0 and self.eval_prompts and eval_here:
+            with self._gathered_params():
+                before = self.evaluate(return_images=True)
+            if self.rank == 0:
+                self._log({"iteration": 0, "eval_score": before["eval_score"], "unet_rows": dict(self.unet_rows)})
+                self._save_grid(before["images"], "samples_before.png")
         bar = tqdm(
             range(self.iteration, cfg.train.iterations),
             initial=self.iteration,
@@ -492,6 +691,7 @@ class SPOTrainer:
         for it in bar:
             t0 = time.perf_counter()
             pairs, prompts, stats = self.sample_pairs(it)
+            pairs, prompts, stats = self.gather_pairs(pairs, prompts, stats)
             t1 = time.perf_counter()
             train_logs = self.train_on(pairs, prompts, it)
             self.iteration = it + 1
@@ -507,31 +707,38 @@ class SPOTrainer:
                 **train_logs,
             }
             last = self.iteration == cfg.train.iterations
-            if self.eval_prompts and ((cfg.log.eval_every and self.iteration % cfg.log.eval_every == 0) or last):
-                rec.update(self.evaluate(return_images=False))
+            eval_now = (cfg.log.eval_every and self.iteration % cfg.log.eval_every == 0) or last
+            if self.eval_prompts and eval_now and eval_here:
+                with self._gathered_params():
+                    rec.update(self.evaluate(return_images=False))
             self._log(rec)
             bar.set_postfix(loss=f"{train_logs.get('loss', float('nan')):.4f}", valid=f"{rec['valid_rate']:.2f}")
-            if self.rank == 0 and (self.iteration % cfg.log.checkpoint_every == 0 or last):
+            if self.iteration % cfg.log.checkpoint_every == 0 or last:
                 self.save_checkpoint()
         summary = {"output_dir": str(self.out), "iterations": self.iteration, "seconds": time.perf_counter() - t_start}
-        if self.rank == 0:
-            self.finalize(summary)
+        self.finalize(summary)
         return summary
 
     def finalize(self, summary: dict[str, Any]) -> None:
-        if self.cfg.model.lora_rank > 0:
-            summary["lora"] = str(save_lora(self.components.unet, self.out / "lora", self.components.kind))
-        else:
-            self.components.unet.save_pretrained(self.out / "unet")
-            summary["unet"] = str(self.out / "unet")
-        if self.eval_prompts:
-            after = self.evaluate(return_images=True)
-            self._save_grid(after["images"], "samples_after.png")
-            summary["eval_score_after"] = after["eval_score"]
-        from .report import write_report
+        """Final weights, samples, report and summary.json (written by rank 0; call it on every rank)."""
+        after = None
+        with self._gathered_params():
+            if self.rank == 0 and self.cfg.model.lora_rank > 0:
+                summary["lora"] = str(save_lora(self.components.unet, self.out / "lora", self.components.kind))
+            elif self.rank == 0:
+                self.components.unet.save_pretrained(self.out / "unet")
+                summary["unet"] = str(self.out / "unet")
+            if self.eval_prompts and (self.rank == 0 or self._all_ranks_forward()):
+                after = self.evaluate(return_images=True)
+        if self.rank == 0:
+            if after is not None:
+                self._save_grid(after["images"], "samples_after.png")
+                summary["eval_score_after"] = after["eval_score"]
+            from .report import write_report
 
-        summary["report"] = str(write_report(self.out))
-        _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            summary["report"] = str(write_report(self.out))
+            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        self.dist.barrier()
 
     def _save_grid(self, images: Tensor, name: str) -> None:
         from .toy import save_grid
