@@ -17,11 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .attention import configure_attention
 from .config import SPOConfig, config_hash, config_to_dict
+from .cuda_graphs import maybe_graph
 from .distributed import DistributedContext, digest, load_deepspeed_config, require_deepspeed
 from .ledger import PairLedger
-from .loss import spo_log_ratio, spo_loss_from_log_ratios, spo_loss_per_pair
+from .loss import CFGPrediction, spo_log_ratio, spo_loss_from_log_ratios, spo_loss_per_pair
 from .pipeline import CFGDenoiser, DiffusionComponents, PromptEncoder, add_lora, load_components, save_lora
+from .precision import autocast as precision_autocast
+from .precision import enable_tf32, resolve_dtype
 from .sampler import PoolPairs, PoolSampler, PoolSamplerConfig, ddim_sample
 
 logger = logging.getLogger(__name__)
@@ -254,10 +258,18 @@ class SPOTrainer:
 
             pretrained = str(toy_model_path())
         kind = None if cfg.model.kind == "auto" else cfg.model.kind
+        if self.device.type == "cuda":
+            enable_tf32()
         self.components = load_components(
-            pretrained, kind, cfg.model.dtype, cfg.model.vae or None, cfg.model.resolution or None, self.device
+            pretrained,
+            kind,
+            resolve_dtype(cfg.model.dtype, self.device),
+            cfg.model.vae or None,
+            cfg.model.resolution or None,
+            self.device,
         )
         unet = self.components.unet
+        self.attention_backend = configure_attention(unet, cfg.model.attention)
         if cfg.model.lora_rank > 0:
             # peft draws the LoRA A matrices from the global RNG: seed it from train.seed (without disturbing the
             # caller's RNG) so that two runs of one config start from the same adapter, which a resumed run and a
@@ -300,7 +312,9 @@ class SPOTrainer:
         else:
             sc = PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta)
         self.scorer = DecodeScorer(self.components, self.image_scorer)
-        self.sampler = PoolSampler(self._policy_no_grad, self.components.scheduler, self.scorer, sc)
+        # CUDA graphs for the sampling forwards (no grad, static shapes per phase); a pass-through on CPU.
+        self._sample_denoiser = maybe_graph(self._policy_no_grad, self.device)
+        self.sampler = PoolSampler(self._sample_denoiser, self.components.scheduler, self.scorer, sc)
 
     def _setup_parallel(self) -> None:
         """Wrap the UNet for the policy's training forward: DeepSpeed engine, DDP, or nothing (one process).
@@ -363,8 +377,15 @@ class SPOTrainer:
 
     def _autocast(self):
         if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return precision_autocast(self.device, self._bf16)
         return nullcontext()
+
+    @property
+    def _bf16(self) -> torch.dtype:
+        # bf16 on a device without it falls back to fp32 with one log line (resolve_dtype logs it).
+        if not hasattr(self, "_bf16_dtype"):
+            self._bf16_dtype = resolve_dtype("bf16", self.device)
+        return self._bf16_dtype
 
     def _policy_no_grad(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
         with self._autocast():
@@ -422,10 +443,13 @@ class SPOTrainer:
         return pairs, prompts, stats
 
     # ----------------------------------------------------------------------------------------------- training
-    def _predict(self, denoiser: CFGDenoiser, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def _predict(self, denoiser: CFGDenoiser, x: Tensor, t: Tensor, cond: Any) -> Tensor | CFGPrediction:
+        """The prediction the loss needs. With train-time CFG the policy's halves stay separate (a
+        ``CFGPrediction``): the loss combines them itself, in one fused pass on GPUs."""
         with self._autocast():
-            if self.cfg.train.train_cfg:
-                return denoiser(x, t, cond)
+            if self.cfg.train.train_cfg and denoiser.guidance_scale > 1:
+                u, c = denoiser(x, t, cond, return_halves=True)
+                return CFGPrediction(u, c, denoiser.guidance_scale)
             return denoiser.unet_forward(x, t, cond)
 
     def pair_loss(self, pairs: PoolPairs, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -439,9 +463,10 @@ class SPOTrainer:
             x = torch.cat([pairs.parent_win, pairs.parent_lose])
             cond = type(cond).cat([cond, cond])
             ts = torch.cat([ts, ts])
-        policy = self._predict(self.train_policy, x, ts, cond).float()
+        policy = self._predict(self.train_policy, x, ts, cond)
         with torch.no_grad(), self._adapters_disabled():
-            ref = self._predict(self.reference, x, ts, cond).float()
+            ref = self._predict(self.reference, x, ts, cond)
+            ref = ref.combined() if isinstance(ref, CFGPrediction) else ref
         n = len(pairs)
         self.unet_rows["training"] += x.shape[0] * (2 if t.train_cfg and s.guidance_scale > 1 else 1) * 4
         if pairs.shared_parent:
@@ -452,8 +477,9 @@ class SPOTrainer:
         from .ddim import ddim_coefficients
 
         c = ddim_coefficients(sched, ts[:n], s.eta, batch_size=n, device=x.device)
-        lr_w = spo_log_ratio(c, policy[:n], ref[:n], pairs.parent_win, pairs.win)
-        lr_l = spo_log_ratio(c, policy[n:], ref[n:], pairs.parent_lose, pairs.lose)
+        pol = policy.combined() if isinstance(policy, CFGPrediction) else policy
+        lr_w = spo_log_ratio(c, pol[:n], ref[:n], pairs.parent_win, pairs.win)
+        lr_l = spo_log_ratio(c, pol[n:], ref[n:], pairs.parent_lose, pairs.lose)
         return spo_loss_from_log_ratios(lr_w, lr_l, t.beta, t.eps)
 
     def _adapters_disabled(self):
@@ -543,7 +569,7 @@ class SPOTrainer:
         gen = torch.Generator(device=self.device).manual_seed(_stream_seed(cfg.train.seed, 777))
         latents = torch.randn((len(prompts), *self.components.latent_shape), generator=gen, device=self.device)
         cond = self.encoder(prompts)
-        x0 = ddim_sample(self._policy_no_grad, self.components.scheduler, latents, cond, cfg.sampling.num_steps, 0.0)
+        x0 = ddim_sample(self._sample_denoiser, self.components.scheduler, latents, cond, cfg.sampling.num_steps, 0.0)
         images = torch.cat([self.components.decode(x0[i : i + 64]).float() for i in range(0, len(prompts), 64)])
         scores = self.image_scorer(images, torch.zeros(len(prompts), dtype=torch.long, device=images.device), prompts)
         out: dict[str, Any] = {"eval_score": scores.float().mean().item()}
