@@ -15,8 +15,11 @@ fast       the library path: ``SPOTrainer.sample_pairs`` (cached prompt embeddin
            reference being the same UNet with LoRA adapters disabled, closed-form / fused loss); on CUDA also CUDA
            graphs for the sampler's denoiser, bf16, TF32 and the attention backend of ``--attention``.
 
-The hook for a third mode (the noisy-latent preference head, which removes decode and SPM from the sampling loop) is
-``RUNNERS``: add ``"fast+head": run_fast_head`` when the head exists; until then ``--modes fast+head`` errors.
+fast+head  the fast path with the noisy-latent preference head (``spo_fast.head``, latent encoder) in the sampler: per
+           scored step the head scores the k*b noisy candidates and the UNet runs (with CFG) only on the b
+           continuations; no VAE decode and no SPM in the loop. Training is the fast path's. The head has random
+           weights here (timing only; ``python -m spo_fast.train_head`` trains one): with ``--threshold 0`` every
+           scored step pairs, so the pair count equals the other modes'.
 
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
@@ -441,6 +444,11 @@ def build_official(setup: Setup) -> Mode:
 
 
 def build_fast(setup: Setup) -> Mode:
+    return _build_fast(setup)[0]
+
+
+def _build_fast(setup: Setup) -> tuple[Mode, SPOTrainer, Timer]:
+    """The fast mode, plus its trainer and timer (build_fast_head re-plumbs the trainer's sampler)."""
     a, dev = setup.args, setup.device
     dtype = resolve_dtype(a.fast_dtype if dev.type == "cuda" else "fp32", dev)
     dname = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
@@ -489,12 +497,69 @@ def build_fast(setup: Setup) -> Mode:
     def state() -> int:
         return _state_bytes(comps.unet, comps.vae, *comps.text_encoders, spm) + _optimizer_bytes(trainer.optimizer)
 
-    return Mode(iteration, flops, details, state, None if base is None else built - base, cleanup=out.cleanup)
+    mode = Mode(iteration, flops, details, state, None if base is None else built - base, cleanup=out.cleanup)
+    return mode, trainer, timer
 
 
-# The third mode (noisy-latent preference head) plugs in here with the same signature.
-RUNNERS: dict[str, Callable[[Setup], Mode]] = {"official": build_official, "fast": build_fast}
-PLANNED = {"fast+head": "needs the noisy-latent preference head (a later issue); add build_fast_head to RUNNERS"}
+class TimedHead:
+    """Times the head's scoring calls (phase ``score``) and counts the candidates it scored."""
+
+    def __init__(self, head: Any, timer: Timer) -> None:
+        self.head, self.timer, self.images = head, timer, 0
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor) -> Tensor:
+        self.images += latents.shape[0]
+        with self.timer.section("score"):
+            return self.head(latents, timesteps, cond, prompt_index)
+
+
+def head_arch(comps: Any, scale: str) -> Any:
+    """The head the fast+head mode times: the latent encoder (the chosen design, see spo_fast.head), sized for
+    SD1.5 latents (64x64 -> 16x16 feature map) at full scale, and in proportion to the tiny UNet at small scale."""
+    from spo_fast.head import HeadArchConfig, scheduler_signature
+
+    full = scale == "full"
+    return HeadArchConfig(
+        encoder="latent", latent_channels=int(comps.unet.config.in_channels),
+        text_dim=sum(int(e.config.hidden_size) for e in comps.text_encoders), width=128 if full else 32,
+        depth=4 if full else 2, downsample=2 if full else 0, embed_dim=128 if full else 64,
+        scheduler=scheduler_signature(comps.scheduler),
+    )  # fmt: skip
+
+
+def build_fast_head(setup: Setup) -> Mode:
+    from spo_fast.head import HeadScorer, NoisyLatentPreferenceHead
+
+    mode, trainer, timer = _build_fast(setup)
+    comps = trainer.components
+    torch.manual_seed(setup.args.seed)
+    head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
+    timed = TimedHead(HeadScorer(head), timer)
+    old = trainer.sampler
+    trainer.sampler = PoolSampler(old.denoiser, old.scheduler, None, old.config, head=timed)
+    inner = mode.iteration
+
+    def iteration(it: int) -> IterationRecord:
+        timed.images = 0
+        rec = inner(it)
+        rec.images = timed.images
+        return rec
+
+    mode.iteration = iteration
+    # What the head mode needs while training: no SPM, and the VAE only for evaluation (not counted, as for the SPM).
+    mode.state_bytes = lambda: (
+        _state_bytes(comps.unet, *comps.text_encoders, head) + _optimizer_bytes(trainer.optimizer)
+    )
+    mode.details["head_parameters"] = sum(p.numel() for p in head.parameters())
+    return mode
+
+
+RUNNERS: dict[str, Callable[[Setup], Mode]] = {
+    "official": build_official,
+    "fast": build_fast,
+    "fast+head": build_fast_head,
+}
+PLANNED: dict[str, str] = {}
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -529,7 +594,7 @@ def summarise(name: str, res: Mode, device: torch.device) -> dict[str, Any]:
     )
     # Model FLOPs the iteration needs (the fast path's count: one policy and one reference pass per pair).
     needed = statistics.median(
-        r.sampling_rows * f_fwd + (r.training_rows["train"] if name == "fast" else r.training_rows["train"] // 2)
+        r.sampling_rows * f_fwd + (r.training_rows["train"] if name != "official" else r.training_rows["train"] // 2)
         * (f_fwd + f_train) for r in recs
     )  # fmt: skip
     peak = peak_flops(device)

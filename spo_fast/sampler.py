@@ -15,6 +15,11 @@ by the final image (the Diffusion-DPO / D3PO baseline, ``--method dpo``).
 
 The sampler knows the model only through ``denoiser(latents, timesteps, cond) -> model_output`` (CFG inside), the
 scheduler, and ``scorer(x0, timesteps, prompt_index) -> scores``; it never loops over prompts or candidates.
+
+Head mode (``head=``, a noisy-latent preference head, :mod:`spo_fast.head`): each scored step scores the k*b noisy
+candidates x_t directly with ``head(latents, timesteps, cond, prompt_index) -> scores`` at their timestep, selects
+with the same threshold rule, and runs the denoiser only on the b continuations (no x0 prediction, no decode, no
+image scorer). Pairs, ledger records and the continuation draws have the same form as in the teacher mode.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = ["PoolSamplerConfig", "PoolPairs", "PoolLog", "PoolResult", "PoolSampl
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 Scorer = Callable[[Tensor, Tensor, Tensor], Tensor]
+LatentScorer = Callable[[Tensor, Tensor, Any, Tensor], Tensor]
 
 
 @dataclass
@@ -133,11 +139,23 @@ class PoolResult:
 class PoolSampler:
     """Batched SPO pool sampling; see the module docstring."""
 
-    def __init__(self, denoiser: Denoiser, scheduler: Any, scorer: Scorer, config: PoolSamplerConfig) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        scheduler: Any,
+        scorer: Scorer | None,
+        config: PoolSamplerConfig,
+        head: LatentScorer | None = None,
+    ) -> None:
+        """``head``: score noisy candidates with a noisy-latent preference head instead of ``scorer`` (which may
+        then be None); see the module docstring."""
         config.validate()
+        if scorer is None and head is None:
+            raise ValueError("PoolSampler needs a scorer (decoded x0) or a head (noisy latents)")
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.scorer = scorer
+        self.head = head
         self.config = config
         scheduler.set_timesteps(config.num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
@@ -200,14 +218,20 @@ class PoolSampler:
                 states.append(cur)
             i_next = i + m + 1
             flat = cur.reshape(k * b, *x.shape[1:])
-            if i_next < n_steps:
+            if i_next < n_steps and self.head is None:
                 pred_all = self.denoiser(flat, self._t(i_next, k * b, dev), cond_k)
                 rows += k * b
                 x0, _ = predict_x0_eps(self._coeffs(i_next, k * b, dev), pred_all, flat)
                 score_t = self.timesteps[i_next]
             else:
-                pred_all, x0, score_t = None, flat, 0
-            scores = self.scorer(x0, torch.full((k * b,), score_t, dtype=torch.long, device=dev), cols.repeat(k))
+                # Head mode scores the noisy candidates at their own timestep; the final step scores x_0 at 0.
+                pred_all, x0 = None, flat
+                score_t = self.timesteps[i_next] if i_next < n_steps else 0
+            score_ts = torch.full((k * b,), score_t, dtype=torch.long, device=dev)
+            if self.head is not None:
+                scores = self.head(flat, score_ts, cond, cols.repeat(k))
+            else:
+                scores = self.scorer(x0, score_ts, cols.repeat(k))
             scores = scores.reshape(k, b).float()
             sel = select_step(scores, cfg.threshold, seed, pass_index, i)
             ledger.record_step(i, self.timesteps[i], sel, parent_choice)
@@ -215,6 +239,9 @@ class PoolSampler:
             x = cur[nxt, cols]
             if pred_all is not None:
                 pred_parent = pred_all.view(k, b, *x.shape[1:])[nxt, cols]
+            elif i_next < n_steps:  # head mode: the UNet runs on the b continuations only
+                pred_parent = self.denoiser(x, self._t(i_next, b, dev), cond)
+                rows += b
             parent_choice = sel.next_index.cpu()
             segments.append(states)
             log.score_timesteps.append(score_t)

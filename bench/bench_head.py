@@ -1,0 +1,229 @@
+"""The noisy-latent preference head against decode + teacher: cost per scored step, and SPO on the toy world.
+
+Sections (``--sections``):
+
+flops    per scored step at SD1.5 scale (k = 4, b = 10, CFG): FLOPs counted with ``torch.utils.flop_counter`` on
+         meta-device models (nothing allocated): the teacher path (UNet with CFG on the k*b candidates, VAE decode
+         to 512x512, a CLIP-ViT-H/14 vision tower at 224) against the head path (each head encoder on the k*b noisy
+         candidates, plus the UNet with CFG on the b continuations only).
+cpu      CPU seconds per scored step on the toy world (the shipped toy base model, k = 4, b = 8): teacher path
+         (UNet on k*b with CFG, VAE decode, ToyImageScorer) against the head path (head on k*b, UNet on b).
+spo      SPO on the toy world with the teacher against SPO with a trained head (``--head``): held-out score after
+         each iteration against the compute spent (seconds and UNet rows). Needs ``--head``.
+
+Writes bench/out/bench_head.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import environment, median_time, print_table, write_json
+
+from spo_fast.head import HeadArchConfig, HeadScorer, NoisyLatentPreferenceHead, scheduler_signature
+
+logger = logging.getLogger("bench_head")
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
+    from bench_e2e import _sd15_configs
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    unet_cfg, vae_cfg, _, _ = _sd15_configs("full")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        vit = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=16,
+                                               num_hidden_layers=32, image_size=224, patch_size=14))  # fmt: skip
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    n = 2
+    x = torch.randn(n, 4, 64, 64, device="meta")
+    t = torch.full((n,), 500, device="meta", dtype=torch.long)
+    c = torch.randn(n, 77, 768, device="meta")
+    per = {
+        "unet_row": _flops(lambda: unet(x, t, encoder_hidden_states=c)) / n,
+        "vae_decode": _flops(lambda: vae.decode(x)) / n,
+        "vit_h_224": _flops(lambda: vit(pixel_values=torch.randn(n, 3, 224, 224, device="meta"))) / n,
+    }
+    heads = {}
+    for enc in ("latent", "unet"):
+        arch = HeadArchConfig(encoder=enc, latent_channels=4, text_dim=768, width=128, depth=4,
+                              downsample=2 if enc == "latent" else 0, embed_dim=128, levels=[1, 2, 4],
+                              scheduler=scheduler_signature(sched))  # fmt: skip
+        with torch.device("meta"):
+            head = NoisyLatentPreferenceHead(arch, unet=unet)
+        text = torch.randn(1, 128, device="meta")
+        idx = torch.zeros(n, dtype=torch.long, device="meta")
+        heads[enc] = _flops(lambda h=head, e=text, i=idx: h(x, t, e, i, c)) / n
+        heads[f"{enc}_params"] = sum(p.numel() for p in head.parameters())
+    per["head_latent"], per["head_unet"] = heads["latent"], heads["unet"]
+    teacher_step = 2 * k * b * per["unet_row"] + k * b * (per["vae_decode"] + per["vit_h_224"])
+    head_step = {e: 2 * b * per["unet_row"] + k * b * per[f"head_{e}"] for e in ("latent", "unet")}
+    return {
+        "k": k,
+        "b": b,
+        "gflops_per_row": {key: v / 1e9 for key, v in per.items()},
+        "head_parameters": {"latent": heads["latent_params"], "unet": heads["unet_params"]},
+        "scoring_gflops_per_candidate": {
+            "decode+teacher": (per["vae_decode"] + per["vit_h_224"]) / 1e9,
+            "unet_for_x0+decode+teacher": (2 * per["unet_row"] + per["vae_decode"] + per["vit_h_224"]) / 1e9,
+            "head_latent": per["head_latent"] / 1e9,
+            "head_unet": per["head_unet"] / 1e9,
+        },
+        "scored_step_tflops": {"teacher": teacher_step / 1e12, **{f"head_{e}": v / 1e12 for e, v in head_step.items()}},
+        "scored_step_ratio": {f"head_{e}": teacher_step / v for e, v in head_step.items()},
+    }
+
+
+def _toy(device: str = "cpu") -> tuple[Any, Any]:
+    from spo_fast.pipeline import PromptEncoder, load_components
+    from spo_fast.toy import toy_model_path
+
+    comps = load_components(str(toy_model_path()), device=device)
+    return comps, PromptEncoder(comps, device=device)
+
+
+def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> dict[str, Any]:
+    from spo_fast.ddim import ddim_coefficients, predict_x0_eps
+    from spo_fast.head import load_head
+    from spo_fast.pipeline import CFGDenoiser
+    from spo_fast.toy import ToyImageScorer, prompt_splits
+
+    comps, enc = _toy()
+    prompts = list(prompt_splits()[1][:b])
+    cond = enc(prompts)
+    den = CFGDenoiser(comps.unet, enc([""]), 5.0)
+    sched = comps.scheduler
+    sched.set_timesteps(20)
+    t_val = int(sched.timesteps[8])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(k * b, *comps.latent_shape, generator=g)
+    ts = torch.full((k * b,), t_val)
+    cols = torch.arange(b).repeat(k)
+    cond_k = cond[cols]
+    teacher = ToyImageScorer()
+    coeffs = ddim_coefficients(sched, ts, 1.0, num_inference_steps=20)
+
+    def teacher_step() -> None:
+        pred = den(x, ts, cond_k)
+        x0, _ = predict_x0_eps(coeffs, pred, x)
+        teacher(comps.decode(x0).float(), ts, [prompts[i] for i in cols.tolist()])
+
+    def unet_b() -> None:
+        den(x[:b], ts[:b], cond)
+
+    times = {"teacher_step": median_time(teacher_step, "cpu", repeats), "unet_b_cfg": median_time(unet_b, "cpu",
+                                                                                                  repeats)}  # fmt: skip
+    with torch.no_grad():
+        times["unet_kb_cfg"] = median_time(lambda: den(x, ts, cond_k), "cpu", repeats)
+        times["decode_kb"] = median_time(lambda: comps.decode(x), "cpu", repeats)
+    for name, path in heads.items():
+        head = load_head(path, comps) if path else NoisyLatentPreferenceHead(HeadArchConfig(
+            encoder=name, latent_channels=4, text_dim=64, width=64, depth=4, scheduler=scheduler_signature(sched)),
+            unet=comps.unet)  # fmt: skip
+        hs = HeadScorer(head)
+        times[f"head_{name}_kb"] = median_time(lambda hs=hs: hs(x, ts, cond, cols), "cpu", repeats)
+        times[f"head_step_{name}"] = times[f"head_{name}_kb"] + times["unet_b_cfg"]
+    return {
+        "k": k,
+        "b": b,
+        "threads": torch.get_num_threads(),
+        "seconds": times,
+        "speedup_per_scored_step": {n: times["teacher_step"] / times[f"head_step_{n}"] for n in heads},
+    }
+
+
+def spo_section(head_path: str, iterations: int, eval_prompts: int) -> dict[str, Any]:
+    from spo_fast.config import make_config
+    from spo_fast.head import load_head
+    from spo_fast.sampler import PoolSampler
+    from spo_fast.trainer import SPOTrainer
+
+    out: dict[str, Any] = {}
+    for method in ("teacher", "head"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = make_config("toy", overrides={
+                "train": {"iterations": iterations, "seed": 0}, "data": {"num_eval_prompts": eval_prompts},
+                "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
+            })  # fmt: skip
+            tr = SPOTrainer(cfg)
+            if method == "head":
+                head = HeadScorer(load_head(head_path, tr.components, tr.device))
+                s = tr.sampler
+                tr.sampler = PoolSampler(s.denoiser, s.scheduler, None, s.config, head=head)
+            curve = [{"iteration": 0, "seconds": 0.0, "unet_rows": 0, **tr.evaluate()}]
+            spent = 0.0
+            for it in range(iterations):
+                t0 = time.perf_counter()
+                pairs, prompts, stats = tr.sample_pairs(it)
+                tr.train_on(pairs, prompts, it)
+                spent += time.perf_counter() - t0
+                rows = tr.unet_rows["sampling"] + tr.unet_rows["training"]
+                curve.append({"iteration": it + 1, "seconds": spent, "unet_rows": rows, "pairs": len(pairs),
+                              "valid_rate": stats["valid"] / max(1, stats["records"]), **tr.evaluate()})  # fmt: skip
+                logger.info("%s it %d: %s", method, it + 1, curve[-1])
+            out[method] = curve
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", nargs="+", default=["flops", "cpu"], choices=("flops", "cpu", "spo"))
+    ap.add_argument("--head", default="", help="trained latent-encoder head.pt (cpu and spo sections)")
+    ap.add_argument("--unet-head", default="", help="trained unet-encoder head.pt (cpu section)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--spo-iterations", type=int, default=8)
+    ap.add_argument("--eval-prompts", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    payload: dict[str, Any] = {"environment": environment()}
+    if "flops" in args.sections:
+        f = flops_section()
+        payload["flops"] = f
+        print_table([{"path": k, "GFLOP/candidate": v} for k, v in f["scoring_gflops_per_candidate"].items()],
+                    ["path", "GFLOP/candidate"])  # fmt: skip
+        print("scored step TFLOP:", json.dumps(f["scored_step_tflops"]), "ratio:", json.dumps(f["scored_step_ratio"]))
+    if "cpu" in args.sections:
+        c = cpu_section({"latent": args.head, "unet": args.unet_head}, args.repeats)
+        payload["cpu"] = c
+        print_table([{"phase": k, "seconds": v} for k, v in c["seconds"].items()], ["phase", "seconds"])
+        print("speed-up per scored step:", json.dumps(c["speedup_per_scored_step"]))
+    if "spo" in args.sections:
+        if not args.head:
+            ap.error("--sections spo needs --head (train one with python -m spo_fast.train_head)")
+        s = spo_section(args.head, args.spo_iterations, args.eval_prompts)
+        payload["spo"] = s
+        for m, curve in s.items():
+            last = curve[-1]
+            print(
+                f"{m}: eval {curve[0]['eval_score']:.4f} -> {last['eval_score']:.4f} in {last['seconds']:.1f} s, "
+                f"{last['unet_rows']} UNet rows, median pairs {statistics.median(r.get('pairs', 0) for r in curve)}"
+            )
+    path = write_json("bench_head", payload, args.out)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

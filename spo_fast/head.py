@@ -1,0 +1,665 @@
+"""The noisy-latent preference head: scores SPO pool candidates (noisy latent x_t, timestep t, prompt) directly, so
+the sampler needs neither the VAE decoder nor the image preference model, nor a UNet pass on every candidate
+(DESIGN.md section 3, point 3).
+
+Architecture (the step-aware model's recipe, moved from pixels to latents)::
+
+    x_t [n, C, h, w] --encoder(t)--> F [n, W, h', w']                 two encoders, see below
+    F --pyramid average pooling (1x1, 2x2, 4x4 cells)--> p [n, cells * W]
+    y = proj(p)                       [n, D]
+    e = text_proj(mean over tokens of the cached prompt embeddings)   [b, D]   (once per prompt batch)
+    score = exp(logit_scale) * cos(y, e[prompt_index])
+
+The tail (pooling -> projection -> cosine -> scale) is :func:`score_tail`: one fused Triton launch on GPUs
+(``spo_fast.kernels.head_score``), the PyTorch reference :func:`score_tail_ref` elsewhere.
+
+Encoders (``HeadArchConfig.encoder``):
+
+* ``latent``: a small trainable conv encoder; every residual block is adaLN-modulated by the timestep
+  (sinusoidal(256) -> MLP -> shift, scale, gate), as in the step-aware preference model's vision layers.
+* ``unet``: the frozen base UNet's own conv_in, time embedding, down blocks and mid block (LoRA adapters
+  disabled: the reference model), with a trainable adaLN-modulated block on top (LPO-like; no new large weights,
+  but the cost of half a UNet per candidate). Its checkpoint holds only the small trainable part.
+
+Training is distillation from the pixel-space preference (the teacher) with a pairwise ranking loss over each pool:
+for candidates i, j of one pool, the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to the
+teacher's ``sigmoid(s_i - s_j)``. Those are exactly the softmax probabilities whose difference SPO's threshold rule
+reads (``softmax([s_w, s_l])`` = (sigmoid(s_w - s_l), sigmoid(s_l - s_w))), so the head learns the teacher's margins,
+not only its order, and the same ``threshold`` selects pairs in head mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HeadArchConfig",
+    "NoisyLatentPreferenceHead",
+    "HeadScorer",
+    "HeadMismatchError",
+    "score_tail",
+    "score_tail_ref",
+    "pyramid_pool_matrix",
+    "pool_ranking_loss",
+    "pairwise_agreement",
+    "scheduler_signature",
+    "save_head",
+    "load_head",
+    "TRAIN_HEAD_COMMAND",
+    "HEAD_VERSION",
+]
+
+HEAD_VERSION = 1
+TRAIN_HEAD_COMMAND = "python -m spo_fast.train_head --model.pretrained {pretrained} --log.output_dir {out}"
+TAIL_IMPL_ENV = "SPO_FAST_HEAD_IMPL"
+
+
+class HeadMismatchError(ValueError):
+    """A head checkpoint that does not fit the base model or scheduler it is used with."""
+
+
+# ------------------------------------------------------------------------------------------------ the fused tail
+
+
+def pyramid_pool_matrix(h: int, w: int, levels: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+    """``[cells, h * w]`` averaging weights: row ``cell`` of level g (a g x g grid) averages its h/g x w/g block.
+    Pooling is linear, so the fused kernel applies it as a small matrix and never materialises pooled maps."""
+    rows = []
+    for g in levels:
+        if h % g or w % g:
+            raise ValueError(f"feature map {h}x{w} is not divisible by the pyramid level {g}: use levels dividing it")
+        bh, bw = h // g, w // g
+        for a in range(g):
+            for b in range(g):
+                m = torch.zeros(h, w, dtype=dtype)
+                m[a * bh : (a + 1) * bh, b * bw : (b + 1) * bw] = 1.0 / (bh * bw)
+                rows.append(m.flatten())
+    return torch.stack(rows).to(device)
+
+
+def score_tail_ref(
+    features: Tensor,
+    pool: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    text: Tensor,
+    text_index: Tensor,
+    logit_scale: Tensor,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Reference of the fused tail. ``features [n, W, h, w]``, ``pool [cells, h*w]`` (:func:`pyramid_pool_matrix`),
+    ``weight [D, cells * W]`` indexed cell-major (column ``cell * W + c``), ``bias [D]``, ``text [m, D]`` (any norm),
+    ``text_index [n]`` (row of ``text`` per candidate), ``logit_scale`` a 0-d tensor. Returns ``[n]`` float32:
+    ``exp(logit_scale) * cos(weight @ pooled + bias, text[text_index])``. Accumulates in fp32."""
+    n, c = features.shape[:2]
+    f = features.float().reshape(n, c, -1)
+    pooled = torch.einsum("nch,kh->nkc", f, pool.float()).reshape(n, -1)  # cell-major, as the weight's columns
+    y = pooled @ weight.float().t() + bias.float()
+    t = text.float()[text_index]
+    cos = (y * t).sum(-1) / (y.norm(dim=-1).clamp_min(eps) * t.norm(dim=-1).clamp_min(eps))
+    return logit_scale.float().exp() * cos
+
+
+def tail_impl() -> str:
+    """``SPO_FAST_HEAD_IMPL``: ``auto`` (Triton on CUDA, else the reference), ``triton`` or ``torch``."""
+    v = os.environ.get(TAIL_IMPL_ENV, "auto").strip().lower() or "auto"
+    if v not in ("auto", "triton", "torch"):
+        raise ValueError(f"{TAIL_IMPL_ENV} must be auto, triton or torch, got {v!r}")
+    return v
+
+
+def score_tail(
+    features: Tensor,
+    pool: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    text: Tensor,
+    text_index: Tensor,
+    logit_scale: Tensor,
+) -> Tensor:
+    """The head's scoring tail (see :func:`score_tail_ref`): the fused Triton kernel on CUDA tensors when Triton is
+    importable (or ``SPO_FAST_HEAD_IMPL=triton``), the PyTorch reference otherwise. Same values, same gradients."""
+    impl = tail_impl()
+    use = impl == "triton" or (impl == "auto" and features.is_cuda)
+    if use:
+        try:
+            from .kernels.head_score import head_score_fused
+        except ImportError as e:
+            if impl == "triton":
+                raise
+            logger.info("the fused head tail is unavailable (%s): using the PyTorch reference", e)
+        else:
+            return head_score_fused(features, pool, weight, bias, text, text_index, logit_scale)
+    return score_tail_ref(features, pool, weight, bias, text, text_index, logit_scale)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal timestep features (the DiT / step-aware model's ``t_embedder`` input)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AdaLNResBlock(nn.Module):
+    """GroupNorm without affine -> (1 + scale(t)) * . + shift(t) -> SiLU -> conv3x3 -> gate(t) * . + residual.
+    The modulation starts at zero (shift = scale = gate = 0), so a fresh block is the identity."""
+
+    def __init__(self, width: int, cond_dim: int, groups: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(min(groups, width), width, affine=False)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.mod = nn.Linear(cond_dim, 3 * width)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale, gate = self.mod(c)[:, :, None, None].chunk(3, dim=1)
+        h = self.norm(x) * (1 + scale) + shift
+        return x + (1 + gate) * self.conv(F.silu(h))
+
+
+@dataclass
+class HeadArchConfig:
+    """Architecture of a head plus the signature of the base model and scheduler it was trained for."""
+
+    encoder: str = "latent"  # latent | unet
+    latent_channels: int = 4
+    text_dim: int = 768
+    width: int = 64
+    depth: int = 4
+    downsample: int = 0  # stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2 -> 16x16)
+    embed_dim: int = 128
+    levels: list = field(default_factory=lambda: [1, 2, 4])
+    scheduler: dict = field(default_factory=dict)  # scheduler_signature() of the base model's scheduler
+    base_model: str = ""
+
+    def validate(self) -> None:
+        if self.encoder not in ("latent", "unet"):
+            raise ValueError(f"head encoder must be 'latent' or 'unet', got {self.encoder!r}")
+        for k in ("latent_channels", "text_dim", "width", "depth", "embed_dim"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"head {k} must be >= 1, got {getattr(self, k)}")
+
+
+def scheduler_signature(scheduler: Any) -> dict[str, Any]:
+    """The noise-schedule fields a head depends on (it reads x_t, whose statistics they define)."""
+    c = scheduler.config
+    return {
+        "num_train_timesteps": int(c.num_train_timesteps),
+        "beta_start": float(c.beta_start),
+        "beta_end": float(c.beta_end),
+        "beta_schedule": str(c.beta_schedule),
+        "prediction_type": str(c.prediction_type),
+        "rescale_betas_zero_snr": bool(getattr(c, "rescale_betas_zero_snr", False)),
+    }
+
+
+class NoisyLatentPreferenceHead(nn.Module):
+    """Scores noisy latents: ``head(latents [n, C, h, w], timesteps [n], text_features [m, D], text_index [n])``.
+    Text features come from :meth:`text_features` (once per prompt batch). See the module docstring."""
+
+    def __init__(self, config: HeadArchConfig, unet: nn.Module | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        w = config.width
+        self.t_embedder = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+        if config.encoder == "unet":
+            if unet is None:
+                raise ValueError("the 'unet' head encoder needs the base UNet (pass unet=components.unet)")
+            # Held outside the module tree: the frozen base weights are not the head's parameters, and must not be
+            # saved in (or loaded from) the head checkpoint.
+            self._unet = [unet]
+            feat = int(unet.config.block_out_channels[-1])
+            self.adapt = nn.Conv2d(feat, w, 1)
+            self.blocks = nn.ModuleList([AdaLNResBlock(w, w) for _ in range(max(1, config.depth // 2))])
+        else:
+            self._unet = []
+            self.conv_in = nn.Conv2d(config.latent_channels, w, 3, padding=1)
+            self.blocks = nn.ModuleList([AdaLNResBlock(w, w) for _ in range(config.depth)])
+            self.down = nn.ModuleList([nn.Conv2d(w, w, 3, stride=2, padding=1) for _ in range(config.downsample)])
+        cells = sum(g * g for g in config.levels)
+        self.proj = nn.Linear(cells * w, config.embed_dim)
+        self.text_proj = nn.Sequential(
+            nn.Linear(config.text_dim, config.embed_dim), nn.SiLU(), nn.Linear(config.embed_dim, config.embed_dim)
+        )
+        # CLIP's initial temperature; the teacher's logits (the toy scorer: 10 x a [0, 1] score) need ~10.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self._pool_cache: dict[tuple, Tensor] = {}
+
+    # -- text
+    def text_features(self, embeds: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """``[b, D]`` from the pipeline's cached prompt embeddings ``[b, L, text_dim]`` (mean over tokens: with
+        CLIP's causal attention later positions, padding included, summarise the whole prompt)."""
+        if embeds.shape[-1] != self.config.text_dim:
+            raise HeadMismatchError(
+                f"prompt embeddings have width {embeds.shape[-1]} but the head was trained for text width "
+                f"{self.config.text_dim} (base model {self.config.base_model or '?'})"
+            )
+        return self.text_proj(embeds.float().mean(1))
+
+    # -- image
+    def _unet_features(self, x: Tensor, t: Tensor, cond_embeds: Tensor) -> Tensor:
+        unet = self._unet[0]
+        ctx = nullcontext()
+        if getattr(unet, "_hf_peft_config_loaded", False):
+            ctx = _AdaptersDisabled(unet)
+        dtype = next(unet.parameters()).dtype
+        with ctx, torch.no_grad():
+            emb = unet.time_embedding(unet.time_proj(t).to(dtype))
+            h = unet.conv_in(x.to(dtype))
+            c = cond_embeds.to(dtype)
+            for block in unet.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=c)
+                else:
+                    h, _ = block(hidden_states=h, temb=emb)
+            h = unet.mid_block(h, emb, encoder_hidden_states=c)
+        return h.float()
+
+    def image_features(self, latents: Tensor, timesteps: Tensor, cond_embeds: Tensor | None = None) -> Tensor:
+        """Feature map ``[n, width, h', w']`` fed to the tail."""
+        if latents.shape[1] != self.config.latent_channels:
+            raise HeadMismatchError(
+                f"latents have {latents.shape[1]} channels but the head was trained for {self.config.latent_channels} "
+                f"latent channels (base model {self.config.base_model or '?'})"
+            )
+        c = self.t_embedder(timestep_embedding(timesteps.to(latents.device)))
+        if self.config.encoder == "unet":
+            if cond_embeds is None:
+                raise ValueError("the 'unet' head encoder needs the prompt embeddings of every candidate")
+            h = self.adapt(self._unet_features(latents, timesteps, cond_embeds))
+            for blk in self.blocks:
+                h = blk(h, c)
+            return h
+        h = self.conv_in(latents.float())
+        per = max(1, len(self.blocks) // (len(self.down) + 1))
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, c)
+            j = (i + 1) // per - 1
+            if (i + 1) % per == 0 and j < len(self.down):
+                h = self.down[j](h)
+        return h
+
+    def _pool(self, h: int, w: int, device: torch.device) -> Tensor:
+        key = (h, w, str(device))
+        if key not in self._pool_cache:
+            self._pool_cache[key] = pyramid_pool_matrix(h, w, self.config.levels, device=device)
+        return self._pool_cache[key]
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        text: Tensor,
+        text_index: Tensor,
+        cond_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Scores ``[n]`` (float32, in the teacher's logit units)."""
+        feats = self.image_features(latents, timesteps, cond_embeds)
+        pool = self._pool(feats.shape[2], feats.shape[3], feats.device)
+        return score_tail(
+            feats, pool, self.proj.weight, self.proj.bias, text, text_index.to(feats.device), self.logit_scale
+        )
+
+    def check_compatible(self, latent_channels: int, text_dim: int, scheduler: Any | None, base: str = "") -> None:
+        """Raise :class:`HeadMismatchError` naming both sides when the head was trained for another base model or
+        scheduler."""
+        cfg = self.config
+        what = f"the head (trained for {cfg.base_model or 'an unnamed base model'})"
+        here = f"this base model{f' ({base})' if base else ''}"
+        if latent_channels != cfg.latent_channels:
+            raise HeadMismatchError(
+                f"{what} expects {cfg.latent_channels} latent channels, {here} has {latent_channels}: train a head "
+                "for this model with `python -m spo_fast.train_head --model.pretrained <model>`"
+            )
+        if text_dim != cfg.text_dim:
+            raise HeadMismatchError(
+                f"{what} expects text embeddings of width {cfg.text_dim}, {here} has {text_dim}: train a head for "
+                "this model with `python -m spo_fast.train_head --model.pretrained <model>`"
+            )
+        if scheduler is not None and cfg.scheduler:
+            sig = scheduler_signature(scheduler)
+            diff = {k: (cfg.scheduler.get(k), v) for k, v in sig.items() if cfg.scheduler.get(k) != v}
+            if diff:
+                parts = ", ".join(f"{k}: head {a!r} vs scheduler {b!r}" for k, (a, b) in diff.items())
+                raise HeadMismatchError(f"{what} was trained for another noise schedule ({parts})")
+
+
+class _AdaptersDisabled:
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+
+    def __enter__(self) -> None:
+        self.unet.disable_adapters()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unet.enable_adapters()
+
+
+# ------------------------------------------------------------------------------------------------ sampler adapter
+
+
+class HeadScorer:
+    """The pool sampler's ``head(latents, timesteps, cond, prompt_index) -> scores``: caches the text features of
+    the current prompt batch (one small MLP per pass, not per scored step)."""
+
+    def __init__(self, head: NoisyLatentPreferenceHead) -> None:
+        self.head = head.eval().requires_grad_(False)
+        self._key: tuple | None = None
+        self._text: Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor) -> Tensor:
+        embeds = cond.embeds if hasattr(cond, "embeds") else cond
+        key = (embeds.data_ptr(), tuple(embeds.shape), embeds._version)
+        if key != self._key:
+            self._text = self.head.text_features(embeds.to(latents.device))
+            self._key = key
+        idx = prompt_index.to(latents.device)
+        cond_embeds = embeds[idx].to(latents.device) if self.head.config.encoder == "unet" else None
+        return self.head(latents, timesteps, self._text, idx, cond_embeds)
+
+
+# ------------------------------------------------------------------------------------------------ losses and metrics
+
+
+def pool_ranking_loss(head_scores: Tensor, teacher_scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Pairwise ranking loss over pools ``[P, k]``: for every ordered pair (i, j), i != j, the cross-entropy of the
+    head's ``sigmoid(h_i - h_j)`` against the teacher's ``sigmoid(s_i - s_j)`` (its softmax pair probability, so
+    the head also learns the teacher's margin). ``valid [P, k]`` masks missing candidates."""
+    dh = head_scores[:, :, None] - head_scores[:, None, :]
+    target = torch.sigmoid(teacher_scores[:, :, None] - teacher_scores[:, None, :])
+    loss = F.binary_cross_entropy_with_logits(dh, target, reduction="none")
+    # Subtract the target's own entropy: the loss is then 0 at a perfect fit (easier to read in the report).
+    ent = F.binary_cross_entropy(target, target, reduction="none")
+    k = head_scores.shape[1]
+    mask = ~torch.eye(k, dtype=torch.bool, device=dh.device)[None]
+    if valid is not None:
+        mask = mask & valid[:, :, None] & valid[:, None, :]
+    return ((loss - ent) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def pairwise_agreement(head_scores: Tensor, teacher_scores: Tensor, threshold: float = 0.3) -> dict[str, Tensor]:
+    """Per pool ``[P, k]``: ``valid`` (the teacher's best/worst pair passes the threshold), ``agree_pair`` (the head
+    orders the teacher's best above its worst), ``agree_all`` (fraction of the pool's pairs ordered alike, teacher
+    ties excluded), ``same_selection`` (the head picks the same win and lose), ``same_valid`` (head and teacher
+    agree on whether the step yields a pair)."""
+    from .selection import select_pairs
+
+    (tw, tl_), tvalid = select_pairs(teacher_scores.t().float(), threshold)
+    (hw, hl), hvalid = select_pairs(head_scores.t().float(), threshold)
+    rows = torch.arange(head_scores.shape[0])
+    agree_pair = head_scores[rows, tw] > head_scores[rows, tl_]
+    dt = teacher_scores[:, :, None] - teacher_scores[:, None, :]
+    dh = head_scores[:, :, None] - head_scores[:, None, :]
+    m = dt > 0
+    agree_all = ((dh > 0) & m).sum((1, 2)).float() / m.sum((1, 2)).clamp_min(1).float()
+    return {
+        "valid": tvalid,
+        "agree_pair": agree_pair,
+        "agree_all": agree_all,
+        "same_selection": (hw == tw) & (hl == tl_),
+        "same_valid": hvalid == tvalid,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_head(head: NoisyLatentPreferenceHead, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Atomic write of ``{"version", "config", "state_dict", ...extra}`` (the frozen UNet is never included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "version": HEAD_VERSION,
+        "config": asdict(head.config),
+        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        **(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_head(
+    path: str | os.PathLike | None,
+    components: Any | None = None,
+    device: torch.device | str = "cpu",
+    pretrained: str = "<model>",
+) -> NoisyLatentPreferenceHead:
+    """Load a head checkpoint and check it against ``components`` (latent channels, text width, scheduler).
+
+    A missing path raises ``FileNotFoundError`` with the command that trains one; a head trained for another base
+    model or scheduler raises :class:`HeadMismatchError` naming both."""
+    if not path or not Path(path).is_file():
+        cmd = TRAIN_HEAD_COMMAND.format(pretrained=pretrained, out="outputs/head")
+        raise FileNotFoundError(
+            f"no trained noisy-latent preference head at {str(path) or '(preference.head is empty)'}: train one with "
+            f"`{cmd}` and pass outputs/head/head.pt"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("version") != HEAD_VERSION or "state_dict" not in state:
+        raise ValueError(f"{path} is not a spo_fast head checkpoint (version {HEAD_VERSION})")
+    cfg = HeadArchConfig(**state["config"])
+    unet = components.unet if components is not None and cfg.encoder == "unet" else None
+    if cfg.encoder == "unet" and unet is None:
+        raise ValueError(f"{path} holds a 'unet'-encoder head: pass the base model's components to load it")
+    head = NoisyLatentPreferenceHead(cfg, unet=unet)
+    if components is not None:
+        head.check_compatible(
+            int(components.unet.config.in_channels),
+            int(components.text_encoders[0].config.hidden_size)
+            + sum(int(e.config.hidden_size) for e in components.text_encoders[1:]),
+            components.scheduler,
+        )
+    head.load_state_dict(state["state_dict"])
+    return head.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+
+
+@dataclass
+class PoolRecord:
+    """Distillation data: ``latents [P, k, C, h, w]`` (the noisy candidates the sampler scored), ``timesteps [P]``
+    (their score timestep; 0 for the final x_0), ``prompt [P]`` (index into ``prompts``), ``scores [P, k]`` (the
+    teacher's), and the prompt list."""
+
+    latents: Tensor
+    timesteps: Tensor
+    prompt: Tensor
+    scores: Tensor
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("latents", "timesteps", "prompt", "scores", "prompts")}
+
+    @staticmethod
+    def cat(items: Sequence[PoolRecord]) -> PoolRecord:
+        prompts: list[str] = []
+        index: dict[str, int] = {}
+        remapped = []
+        for it in items:
+            m = torch.tensor([index.setdefault(p, len(index)) for p in it.prompts], dtype=torch.long)
+            remapped.append(m[it.prompt] if len(it.prompts) else it.prompt)
+        prompts = list(index)
+        return PoolRecord(
+            torch.cat([i.latents for i in items]),
+            torch.cat([i.timesteps for i in items]),
+            torch.cat(remapped),
+            torch.cat([i.scores for i in items]),
+            prompts,
+        )
+
+
+class _RecordingDenoiser:
+    """Remembers the latest call's input: the sampler's scored step passes the k*b candidates through the denoiser
+    right before scoring their predicted x0, so the scorer can record the noisy latents themselves."""
+
+    def __init__(self, denoiser: Any) -> None:
+        self.denoiser = denoiser
+        self.last: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
+        self.last = (latents, timesteps)
+        return self.denoiser(latents, timesteps, cond)
+
+
+class _RecordingTeacher:
+    """The pixel-space teacher (decode x0 + image scorer) that also stores each pool for distillation."""
+
+    def __init__(self, components: Any, image_scorer: Any, denoiser: _RecordingDenoiser, k: int) -> None:
+        self.components, self.image_scorer, self.denoiser, self.k = components, image_scorer, denoiser, k
+        self.prompts: list[str] = []
+        self.prompt_ids: Tensor = torch.empty(0, dtype=torch.long)
+        self.records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    @torch.no_grad()
+    def __call__(self, x0: Tensor, timesteps: Tensor, prompt_index: Tensor) -> Tensor:
+        images = self.components.decode(x0).float()
+        scores = self.image_scorer(images, timesteps, [self.prompts[i] for i in prompt_index.tolist()]).float()
+        t = int(timesteps[0])
+        if t == 0:
+            noisy = x0  # the final step scores x_0 itself
+        else:
+            assert self.denoiser.last is not None and self.denoiser.last[0].shape == x0.shape
+            noisy = self.denoiser.last[0]
+        k, b = self.k, x0.shape[0] // self.k
+        # Candidate r * b + j belongs to prompt j: pools are the columns of the [k, b] view.
+        lat = noisy.detach().float().cpu().view(k, b, *x0.shape[1:]).transpose(0, 1)
+        sc = scores.cpu().view(k, b).t()
+        self.records.append((lat, torch.full((b,), t), self.prompt_ids.clone(), sc))
+        return scores
+
+
+@torch.no_grad()
+def collect_pools(
+    components: Any,
+    encoder: Any,
+    image_scorer: Any,
+    prompts: Sequence[str],
+    passes: int,
+    batch_size: int,
+    sampler_config: Any,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> PoolRecord:
+    """Sample SPO pools with the base model and the pixel-space teacher and record every scored pool.
+
+    ``encoder`` is a :class:`~spo_fast.pipeline.PromptEncoder`; ``image_scorer(images, timesteps, prompts)`` the
+    teacher (the toy world: :class:`~spo_fast.toy.ToyImageScorer`). Prompts are drawn uniformly with ``seed``."""
+    from .pipeline import CFGDenoiser
+    from .sampler import PoolSampler
+
+    prompts = list(prompts)
+    uncond = encoder([""])
+    den = _RecordingDenoiser(CFGDenoiser(components.unet, uncond, guidance_scale))
+    teacher = _RecordingTeacher(components, image_scorer, den, sampler_config.num_candidates)
+    sampler = PoolSampler(den, components.scheduler, teacher, sampler_config)
+    g = torch.Generator().manual_seed(seed)
+    it = range(passes)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="teacher pools")
+    for p in it:
+        ids = torch.randint(0, len(prompts), (batch_size,), generator=g)
+        batch = [prompts[i] for i in ids.tolist()]
+        teacher.prompts, teacher.prompt_ids = batch, ids
+        gen = torch.Generator(device=device).manual_seed(seed * 100003 + p)
+        lat = torch.randn((batch_size, *components.latent_shape), generator=gen, device=device)
+        sampler.sample(encoder(batch), lat * components.scheduler.init_noise_sigma, gen, pass_index=p, seed=seed)
+    lat, ts, pr, sc = (torch.cat(x) for x in zip(*teacher.records))
+    return PoolRecord(lat, ts, pr, sc, prompts)
+
+
+def timestep_buckets(timesteps: Tensor, edges: Sequence[int] = (0, 250, 500, 750, 1000)) -> list[str]:
+    """Bucket names per pool: ``t=0`` for the final x_0, else ``(lo, hi]`` of ``edges``."""
+    out = []
+    for t in timesteps.tolist():
+        if t == 0:
+            out.append("t=0")
+            continue
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if lo < t <= hi:
+                out.append(f"({lo},{hi}]")
+                break
+        else:
+            out.append(f">{edges[-1]}")
+    return out
+
+
+@torch.no_grad()
+def head_scores_for(
+    head: NoisyLatentPreferenceHead, data: PoolRecord, text_embeds: Tensor, batch_pools: int = 256
+) -> Tensor:
+    """Head scores ``[P, k]`` of recorded pools; ``text_embeds [len(data.prompts), L, text_dim]``."""
+    dev = next(head.parameters()).device
+    was = head.training
+    head.eval()
+    text = head.text_features(text_embeds.to(dev))
+    out = []
+    k = data.latents.shape[1]
+    for s in range(0, len(data), batch_pools):
+        lat = data.latents[s : s + batch_pools].to(dev)
+        n = lat.shape[0]
+        idx = data.prompt[s : s + batch_pools].to(dev).repeat_interleave(k)
+        ts = data.timesteps[s : s + batch_pools].to(dev).repeat_interleave(k)
+        ce = text_embeds.to(dev)[idx] if head.config.encoder == "unet" else None
+        out.append(head(lat.flatten(0, 1), ts, text, idx, ce).view(n, k).cpu())
+    head.train(was)
+    return torch.cat(out)
+
+
+def evaluate_agreement(
+    head: NoisyLatentPreferenceHead, data: PoolRecord, text_embeds: Tensor, threshold: float
+) -> dict[str, Any]:
+    """Held-out agreement with the teacher, overall and per timestep bucket (see :func:`pairwise_agreement`).
+    ``agree_valid`` is the headline: on pools whose best/worst pair the teacher calls valid, how often the head
+    orders that pair the same way."""
+    hs = head_scores_for(head, data, text_embeds)
+    a = pairwise_agreement(hs, data.scores, threshold)
+    buckets = timestep_buckets(data.timesteps)
+
+    def summary(mask: Tensor) -> dict[str, Any]:
+        v = a["valid"] & mask
+        return {
+            "pools": int(mask.sum()),
+            "teacher_valid": int(v.sum()),
+            "agree_valid": float(a["agree_pair"][v].float().mean()) if v.any() else None,
+            "agree_all_pairs": float(a["agree_all"][mask].mean()) if mask.any() else None,
+            "same_selection_valid": float(a["same_selection"][v].float().mean()) if v.any() else None,
+            "same_valid_decision": float(a["same_valid"][mask].float().mean()) if mask.any() else None,
+        }
+
+    out: dict[str, Any] = {"overall": summary(torch.ones(len(data), dtype=torch.bool)), "buckets": {}}
+    for name in sorted(set(buckets), key=lambda s: (s != "t=0", s)):
+        out["buckets"][name] = summary(torch.tensor([b == name for b in buckets]))
+    return out

@@ -1,0 +1,469 @@
+"""``python -m spo_fast.train_head``: distil the pixel-space preference (the teacher) into a noisy-latent preference
+head (:mod:`spo_fast.head`).
+
+    python -m spo_fast.train_head                                   # the toy world: ToyImageScorer teacher, CPU
+    python -m spo_fast.train_head --model.encoder unet --log.output_dir outputs/head_unet
+    python -m spo_fast.train_head --model.pretrained runwayml/stable-diffusion-v1-5 --teacher.kind step_aware \\
+        --teacher.checkpoint sd-v1-5_step_aware.bin --data.prompts 4k_training_prompts.json --model.downsample 2
+    python -m spo_fast.train_head --resume                          # continue an interrupted run
+
+Stages, each resumable: (1) sample SPO pools with the base model and the teacher on the training prompts and on
+held-out prompts, recording candidates, timesteps, prompts and teacher scores (``data_train.pt``,
+``data_eval.pt``); (2) train the head with the pairwise ranking loss over each pool (``checkpoint.pt`` every
+``log.checkpoint_every`` steps, written atomically); (3) evaluate held-out pairwise agreement per timestep bucket
+and write ``head.pt``, ``report.json`` and ``report.png``. Settings: config file < ``--section.key value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import _coerce, _f, load_config_file
+
+logger = logging.getLogger("spo_fast.train_head")
+
+__all__ = ["HeadTrainConfig", "make_head_config", "HeadDistiller", "main"]
+
+
+@dataclass
+class HeadModelConfig:
+    pretrained: str = _f("toy", "base diffusers pipeline (folder or hub id); 'toy' = the built-in toy base model")
+    kind: str = _f("auto", "auto | sd15 | sdxl")
+    dtype: str = _f("fp32", "weights dtype of the frozen base model")
+    encoder: str = _f("latent", "latent (small trainable conv encoder) | unet (frozen base UNet encoder + block)")
+    width: int = _f(64, "channels of the head's feature map")
+    depth: int = _f(4, "adaLN residual blocks (the unet encoder uses depth // 2 on top of the UNet features)")
+    downsample: int = _f(0, "stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2)")
+    embed_dim: int = _f(128, "joint image/text embedding width")
+    levels: list = _f([1, 2, 4], "pyramid pooling grid sizes of the tail")
+
+
+@dataclass
+class HeadTeacherConfig:
+    kind: str = _f("toy", "toy (analytic scorer of decoded x0) | step_aware (official SPM checkpoint)")
+    backbone: str = _f("yuvalkirstain/PickScore_v1", "CLIP backbone of the step-aware model")
+    processor: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP processor of the step-aware model")
+    checkpoint: str = _f("", "official step-aware preference model checkpoint")
+
+
+@dataclass
+class HeadDataConfig:
+    prompts: str = _f("toy", "training prompts: a file or 'toy' (toy train split)")
+    eval_prompts: str = _f("toy", "held-out prompts: a file or 'toy' (toy held-out split)")
+    column: str = _f("", "prompt column of json/csv/parquet files")
+    train_passes: int = _f(24, "sampling passes on training prompts (pools = passes * batch * scored steps)")
+    eval_passes: int = _f(6, "sampling passes on held-out prompts")
+    batch_size: int = _f(8, "prompts per sampling pass")
+
+
+@dataclass
+class HeadSamplingConfig:
+    num_steps: int = _f(20, "DDIM steps")
+    eta: float = _f(1.0, "DDIM stochasticity")
+    guidance_scale: float = _f(5.0, "CFG scale while sampling pools")
+    num_candidates: int = _f(4, "k: candidates per pool")
+    divert_step: int = _f(4, "first branching step")
+    threshold: float = _f(0.3, "SPO pair threshold (agreement is reported on pairs the teacher calls valid)")
+
+
+@dataclass
+class HeadOptimConfig:
+    steps: int = _f(1500, "optimizer steps")
+    batch_pools: int = _f(64, "pools per step")
+    lr: float = _f(2e-3, "AdamW learning rate (cosine decay to 5%)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    seed: int = _f(0, "seed of sampling, initialisation and batches")
+    device: str = _f("auto", "auto | cpu | cuda")
+    threads: int = _f(0, "torch CPU threads (0: torch's default)")
+
+
+@dataclass
+class HeadLogConfig:
+    output_dir: str = _f("outputs/head_toy", "run folder: data, checkpoint, head.pt, report.json/png")
+    checkpoint_every: int = _f(250, "optimizer steps between checkpoints")
+    eval_every: int = _f(500, "optimizer steps between held-out evaluations (0: only at the end)")
+    progress: bool = _f(True, "tqdm progress bars")
+
+
+@dataclass
+class HeadTrainConfig:
+    model: HeadModelConfig = field(default_factory=HeadModelConfig)
+    teacher: HeadTeacherConfig = field(default_factory=HeadTeacherConfig)
+    data: HeadDataConfig = field(default_factory=HeadDataConfig)
+    sampling: HeadSamplingConfig = field(default_factory=HeadSamplingConfig)
+    train: HeadOptimConfig = field(default_factory=HeadOptimConfig)
+    log: HeadLogConfig = field(default_factory=HeadLogConfig)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(HeadTrainConfig)}  # type: ignore[misc]
+
+
+def _valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in fields(cls)]
+
+
+def apply_head_overrides(cfg: HeadTrainConfig, overrides: dict[str, Any]) -> HeadTrainConfig:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                apply_head_overrides(cfg, {f"{key}.{k}": v})
+            continue
+        parts = key.split(".")
+        if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_valid_keys())}")
+        sec = getattr(cfg, parts[0])
+        setattr(sec, parts[1], _coerce(value, getattr(sec, parts[1]), key))
+    return cfg
+
+
+def make_head_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HeadTrainConfig:
+    """Defaults, then the YAML/JSON file, then the overrides (later wins)."""
+    cfg = HeadTrainConfig()
+    if file:
+        apply_head_overrides(cfg, load_config_file(file))
+    return apply_head_overrides(cfg, overrides or {})
+
+
+def _hash(d: dict[str, Any], sections: tuple[str, ...]) -> str:
+    sub = {k: d[k] for k in sections}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class HeadDistiller:
+    """Owns the base model, the teacher, the data and the head for one distillation run (see the module docstring)."""
+
+    def __init__(self, cfg: HeadTrainConfig, resume: bool = False, overwrite: bool = False) -> None:
+        from .head import HeadArchConfig, NoisyLatentPreferenceHead, scheduler_signature
+        from .pipeline import PromptEncoder, load_components
+        from .precision import resolve_dtype
+        from .sampler import PoolSamplerConfig
+        from .trainer import _load_prompts
+
+        self.cfg = cfg
+        s = cfg.sampling
+        self.sampler_config = PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, 0, s.threshold, s.eta)
+        self.sampler_config.validate()
+        if cfg.teacher.kind not in ("toy", "step_aware"):
+            raise ValueError(f"teacher.kind must be toy or step_aware, got {cfg.teacher.kind!r}")
+        if cfg.teacher.kind == "step_aware" and not cfg.teacher.checkpoint:
+            raise ValueError("teacher.kind=step_aware needs teacher.checkpoint (the official step-aware model)")
+        for key in ("train.steps", "train.batch_pools", "data.train_passes", "data.eval_passes", "data.batch_size"):
+            sec, k = key.split(".")
+            if getattr(getattr(cfg, sec), k) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        self.out = Path(cfg.log.output_dir)
+        self._check_output(resume, overwrite)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        dev = cfg.train.device
+        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else "cpu" if dev == "auto"
+                                   else dev)  # fmt: skip
+        pretrained = cfg.model.pretrained
+        if pretrained == "toy":
+            from .toy import toy_model_path
+
+            pretrained = str(toy_model_path())
+        self.pretrained = pretrained
+        kind = None if cfg.model.kind == "auto" else cfg.model.kind
+        self.components = load_components(
+            pretrained, kind, resolve_dtype(cfg.model.dtype, self.device), device=self.device
+        )
+        self.encoder = PromptEncoder(self.components, device=self.device)
+        self.train_prompts = _load_prompts(cfg.data.prompts, cfg.data.column, "train")
+        self.eval_prompts = _load_prompts(cfg.data.eval_prompts, cfg.data.column, "heldout")
+        text_dim = sum(int(e.config.hidden_size) for e in self.components.text_encoders)
+        arch = HeadArchConfig(
+            encoder=cfg.model.encoder,
+            latent_channels=int(self.components.unet.config.in_channels),
+            text_dim=text_dim,
+            width=cfg.model.width,
+            depth=cfg.model.depth,
+            downsample=cfg.model.downsample,
+            embed_dim=cfg.model.embed_dim,
+            levels=list(cfg.model.levels),
+            scheduler=scheduler_signature(self.components.scheduler),
+            base_model=cfg.model.pretrained,
+        )
+        torch.manual_seed(cfg.train.seed)
+        self.head = NoisyLatentPreferenceHead(arch, unet=self.components.unet).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.head.parameters() if p.requires_grad], lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+        )  # fmt: skip
+        steps = cfg.train.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda i: 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(min(i, steps) / steps * torch.pi)).item()),
+        )
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------------------------------- run folder
+    def _check_output(self, resume: bool, overwrite: bool) -> None:
+        import shutil
+
+        d = dataclasses.asdict(self.cfg)
+        path = self.out / "config.json"
+        if path.is_file() and not overwrite:
+            old = json.loads(path.read_text())
+            if _hash(old, ("model", "teacher", "data", "sampling", "train")) != _hash(
+                d, ("model", "teacher", "data", "sampling", "train")
+            ):
+                raise ValueError(
+                    f"{self.out} holds a head run with a different config: choose another --log.output_dir or pass "
+                    "--overwrite"
+                )
+            if not resume:
+                raise ValueError(f"{self.out} already holds this run: pass --resume to continue it or --overwrite")
+        elif resume and not path.is_file():
+            raise ValueError(f"--resume given but {self.out} holds no head run (no config.json)")
+        if overwrite and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(path, json.dumps(d, indent=2))
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.is_file():
+            logger.info("no checkpoint in %s: training starts at step 0 (recorded data is reused)", self.out)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.head.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.history = state["step"], state["history"]
+        logger.info("resumed head training at step %d", self.step)
+
+    def _save_checkpoint(self) -> None:
+        from .head import save_head
+
+        save_head(self.head, self.out / "checkpoint.pt", {
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+            "step": self.step, "history": self.history,
+        })  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------- stages
+    def collect(self, split: str) -> Any:
+        """Teacher pools of ``split`` (train / eval), loaded from the run folder when already recorded."""
+        from .head import PoolRecord, collect_pools
+        from .trainer import atomic_save
+
+        path = self.out / f"data_{split}.pt"
+        if path.is_file():
+            return PoolRecord(**torch.load(path, map_location="cpu", weights_only=False))
+        cfg = self.cfg
+        prompts = self.train_prompts if split == "train" else self.eval_prompts
+        passes = cfg.data.train_passes if split == "train" else cfg.data.eval_passes
+        t0 = time.perf_counter()
+        rec = collect_pools(
+            self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
+            self.sampler_config, cfg.sampling.guidance_scale, seed=cfg.train.seed + (0 if split == "train" else 7919),
+            device=self.device, progress=cfg.log.progress,
+        )  # fmt: skip
+        logger.info("recorded %d %s pools in %.1f s", len(rec), split, time.perf_counter() - t0)
+        atomic_save(rec.state_dict(), path)
+        return rec
+
+    def _teacher(self) -> Any:
+        if not hasattr(self, "_teacher_model"):
+            t = self.cfg.teacher
+            if t.kind == "toy":
+                from .toy import ToyImageScorer
+
+                self._teacher_model = ToyImageScorer()
+            else:
+                from .preference import StepAwarePreferenceModel
+
+                self._teacher_model = StepAwarePreferenceModel.from_pretrained(
+                    backbone=t.backbone, checkpoint=t.checkpoint, processor=t.processor or None
+                ).to(self.device).eval()  # fmt: skip
+        return self._teacher_model
+
+    def _embeds(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder(prompts).embeds.float()
+
+    def train(self, data: Any, eval_data: Any) -> None:
+        from tqdm.auto import tqdm
+
+        from .head import pool_ranking_loss
+
+        cfg = self.cfg.train
+        k = data.latents.shape[1]
+        embeds = self._embeds(data.prompts).to(self.device)
+        enc_unet = self.head.config.encoder == "unet"
+        self.head.train()
+        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="head",
+                   disable=not self.cfg.log.progress)  # fmt: skip
+        for step in bar:
+            # Batches keyed by (seed, step): a resumed run draws exactly the batches the uninterrupted one would.
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(0, len(data), (cfg.batch_pools,), generator=g)
+            lat = data.latents[idx].to(self.device).flatten(0, 1)
+            pidx = data.prompt[idx].to(self.device).repeat_interleave(k)
+            ts = data.timesteps[idx].to(self.device).repeat_interleave(k)
+            text = self.head.text_features(embeds)
+            scores = self.head(lat, ts, text, pidx, embeds[pidx] if enc_unet else None).view(-1, k)
+            loss = pool_ranking_loss(scores, data.scores[idx].to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step = step + 1
+            rec: dict[str, Any] = {"step": self.step, "loss": loss.item()}
+            ev = self.cfg.log.eval_every
+            if ev and self.step % ev == 0 and self.step < cfg.steps:
+                rec["eval"] = self.evaluate(eval_data)
+                self.head.train()
+            self.history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if self.step % self.cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
+                self._save_checkpoint()
+
+    def evaluate(self, data: Any) -> dict[str, Any]:
+        from .head import evaluate_agreement
+
+        return evaluate_agreement(self.head, data, self._embeds(data.prompts), self.cfg.sampling.threshold)
+
+    def run(self) -> dict[str, Any]:
+        from .head import save_head
+
+        t0 = time.perf_counter()
+        data = self.collect("train")
+        eval_data = self.collect("eval")
+        t_data = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.train(data, eval_data)
+        t_train = time.perf_counter() - t1
+        result = self.evaluate(eval_data)
+        train_fit = self.evaluate(PoolRecordSubset.first(data, len(eval_data)))
+        head_path = save_head(self.head, self.out / "head.pt", {"agreement": result})
+        n_params = sum(p.numel() for p in self.head.parameters())
+        report = {
+            "head": str(head_path),
+            "encoder": self.head.config.encoder,
+            "trainable_parameters": n_params,
+            "train_pools": len(data),
+            "eval_pools": len(eval_data),
+            "steps": self.step,
+            "seconds_data": t_data,
+            "seconds_train": t_train,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "heldout": result,
+            "train_subset": train_fit,
+            "history": [{"step": h["step"], "loss": h["loss"]} for h in self.history],
+            "eval_history": [{"step": h["step"], **h["eval"]["overall"]} for h in self.history if "eval" in h],
+        }
+        _atomic_text(self.out / "report.json", json.dumps(report, indent=2))
+        write_head_report(report, self.out / "report.png")
+        return report
+
+
+class PoolRecordSubset:
+    @staticmethod
+    def first(data: Any, n: int) -> Any:
+        from .head import PoolRecord
+
+        n = min(n, len(data))
+        return PoolRecord(data.latents[:n], data.timesteps[:n], data.prompt[:n], data.scores[:n], data.prompts)
+
+
+def write_head_report(report: dict[str, Any], path: Path) -> Path:
+    """Loss curve and held-out agreement per timestep bucket (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    h = report["history"]
+    ax[0].plot([r["step"] for r in h], [r["loss"] for r in h], lw=0.8)
+    ax[0].set(title="pool ranking loss (0 = teacher's pair probabilities)", xlabel="step", yscale="log")
+    b = report["heldout"]["buckets"]
+    names = list(b)
+    vals = [b[n]["agree_valid"] or 0.0 for n in names]
+    allp = [b[n]["agree_all_pairs"] or 0.0 for n in names]
+    x = range(len(names))
+    ax[1].bar([i - 0.2 for i in x], vals, 0.4, label="teacher-valid best/worst pair")
+    ax[1].bar([i + 0.2 for i in x], allp, 0.4, label="all pool pairs")
+    ax[1].axhline(0.85, ls=":", c="gray", label="target 0.85")
+    ax[1].set_xticks(list(x), names, rotation=30, fontsize=8)
+    ov = report["heldout"]["overall"]
+    ax[1].set(title=f"held-out agreement ({report['encoder']}): {ov['agree_valid']:.3f} on valid pairs",
+              ylim=(0, 1.05), xlabel="timestep bucket")  # fmt: skip
+    ax[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def field_help() -> dict[str, str]:
+    out = {}
+    for sec, cls in _sections().items():
+        for f in fields(cls):
+            out[f"{sec}.{f.name}"] = f"{f.metadata.get('help', '')} [{type(f.default).__name__}]"
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spo_fast.train_head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default=None, help="YAML or JSON file with sections model/teacher/data/...")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--resume", action="store_true", help="continue the run in log.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in log.output_dir")
+    g = p.add_argument_group("config keys (--section.key value)")
+    for key, help_text in field_help().items():
+        g.add_argument(f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unknown argument(s) {' '.join(unknown)}; valid config keys: {', '.join(_valid_keys())}")
+    try:
+        overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("ov:") and v is not None}
+        cfg = make_head_config(args.config, overrides)
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        report = HeadDistiller(cfg, resume=args.resume, overwrite=args.overwrite).run()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ov = report["heldout"]["overall"]
+    print(json.dumps({k: report[k] for k in ("head", "encoder", "train_pools", "eval_pools", "steps")} | {
+        "heldout_agree_valid": ov["agree_valid"], "per_bucket": {
+            b: v["agree_valid"] for b, v in report["heldout"]["buckets"].items()}}, indent=2))  # fmt: skip
+    print(f"\nhead written to {report['head']}; report.json and report.png in {cfg.log.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
