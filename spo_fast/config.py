@@ -53,6 +53,7 @@ class PreferenceConfig:
     backbone: str = _f("yuvalkirstain/PickScore_v1", "CLIP backbone (folder or hub id) of the step-aware model")
     processor: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP processor/tokenizer folder or hub id")
     checkpoint: str = _f("", "official step-aware preference model checkpoint (.bin/.safetensors, 'model.' keys)")
+    head: str = _f("", "noisy-latent preference head (head.pt of python -m spo_fast.train_head); empty = decode+score")
 
 
 @dataclass

@@ -93,6 +93,11 @@ def validate_config(cfg: SPOConfig) -> None:
         raise ValueError(f"model.dtype must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
     if cfg.preference.kind not in ("toy", "step_aware"):
         raise ValueError(f"preference.kind must be 'toy' or 'step_aware', got {cfg.preference.kind!r}")
+    if cfg.preference.head and not Path(cfg.preference.head).is_file():
+        raise ValueError(
+            f"preference.head {cfg.preference.head!r} does not exist: train one with "
+            f"`python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}` (see README) or drop the option"
+        )
     if cfg.preference.kind == "step_aware" and not cfg.preference.checkpoint:
         raise ValueError(
             "preference.kind=step_aware needs preference.checkpoint: the official step-aware preference model "
@@ -314,7 +319,14 @@ class SPOTrainer:
         self.scorer = DecodeScorer(self.components, self.image_scorer)
         # CUDA graphs for the sampling forwards (no grad, static shapes per phase); a pass-through on CPU.
         self._sample_denoiser = maybe_graph(self._policy_no_grad, self.device)
-        self.sampler = PoolSampler(self._sample_denoiser, self.components.scheduler, self.scorer, sc)
+        head = None
+        if cfg.preference.head and cfg.train.method == "spo":  # DPO labels whole trajectories: keep the teacher
+            from .head import HeadScorer, load_head
+
+            head = HeadScorer(
+                load_head(cfg.preference.head, self.components, self.device, pretrained=cfg.model.pretrained)
+            )
+        self.sampler = PoolSampler(self._sample_denoiser, self.components.scheduler, self.scorer, sc, head=head)
 
     def _setup_parallel(self) -> None:
         """Wrap the UNet for the policy's training forward: DeepSpeed engine, DDP, or nothing (one process).
@@ -537,7 +549,10 @@ class SPOTrainer:
         self.components.unet.eval()
         # Shards are equal, so the mean over ranks of per-rank means is the mean over the union (grad_norm is global
         # already: gradients are all-reduced before the norm).
-        return self.dist.mean_over_ranks({k: sum(v) / len(v) for k, v in logs.items() if v})
+        out = self.dist.mean_over_ranks({k: sum(v) / len(v) for k, v in logs.items() if v})
+        # This rank's micro-batch losses in order: the stored toy curve (tests/data) guards against numerical drift.
+        out["micro_losses"] = [round(x, 7) for x in logs["loss"]]
+        return out
 
     def _optimizer_step(self) -> float:
         t = self.cfg.train

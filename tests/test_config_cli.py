@@ -65,6 +65,7 @@ def test_print_config(capsys):
         (["--sampling.threshold", "-0.1"], "threshold"),
         (["--train.method", "ppo"], "method"),
         (["--preference.kind", "step_aware"], "checkpoint"),
+        (["--preference.head", "missing_head.pt"], "python -m spo_fast.train_head"),
     ],
 )
 def test_bad_config_fails_before_loading_models(tmp_path, capsys, monkeypatch, args, match):
