@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build on a fresh machine).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,data]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -61,7 +61,7 @@ class DataConfig:
     prompts: str = _f("toy", "prompt file (.json with 'caption', .txt, .csv, .parquet) or 'toy' (toy train split)")
     column: str = _f("", "column / key of the prompt in json, csv and parquet files; empty = caption, prompt or text")
     eval_prompts: str = _f("toy", "held-out prompts for evaluation: a file, 'toy', or '' to skip evaluation")
-    num_eval_prompts: int = _f(32, "how many held-out prompts to evaluate (first n)")
+    num_eval_prompts: int = _f(32, "how many held-out prompts to evaluate (evenly spaced over the list)")
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainConfig:
     batch_size: int = _f(16, "pairs per optimizer micro-batch (per process)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     inner_epochs: int = _f(1, "passes over each iteration's pairs")
-    lr: float = _f(3e-4, "AdamW learning rate")
+    lr: float = _f(1e-4, "AdamW learning rate")
     adam_betas: list = _f([0.9, 0.999], "AdamW betas")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_eps: float = _f(1e-8, "AdamW epsilon")

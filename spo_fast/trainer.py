@@ -136,6 +136,14 @@ def _load_prompts(spec: str, column: str, split: str) -> list[str]:
     return load_prompts(spec, column=column or None)
 
 
+def _spread(prompts: list[str], n: int) -> list[str]:
+    """n prompts evenly spaced over the list (prompt files are often sorted: the first n are not representative)."""
+    if n >= len(prompts):
+        return list(prompts)
+    step = len(prompts) / n
+    return [prompts[int(i * step)] for i in range(n)]
+
+
 class SPOTrainer:
     """Owns the models, the sampler, the ledger and the optimizer for one run.
 
@@ -210,7 +218,7 @@ class SPOTrainer:
         if not self.train_prompts:
             raise ValueError(f"the prompt list {cfg.data.prompts!r} is empty")
         self.eval_prompts = (
-            _load_prompts(cfg.data.eval_prompts, cfg.data.column, "heldout")[: cfg.data.num_eval_prompts]
+            _spread(_load_prompts(cfg.data.eval_prompts, cfg.data.column, "heldout"), cfg.data.num_eval_prompts)
             if cfg.data.eval_prompts
             else []
         )
