@@ -50,13 +50,14 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
 
 
 def compute_to_reach(curve: list[dict], target: float, key: str) -> float | None:
-    """First crossing of ``target`` by linear interpolation along ``key``; None if never reached."""
+    """First crossing of ``target`` by linear interpolation along ``key``; None if never reached, or if the target
+    is not above the starting score (then "reaching" it says nothing about learning)."""
+    if not curve or curve[0]["eval_score"] >= target:
+        return None
     for a, b in zip(curve, curve[1:]):
         if a["eval_score"] < target <= b["eval_score"]:
             f = (target - a["eval_score"]) / (b["eval_score"] - a["eval_score"])
             return a[key] + f * (b[key] - a[key])
-    if curve and curve[0]["eval_score"] >= target:
-        return curve[0][key]
     return None
 
 
@@ -110,6 +111,8 @@ def main() -> None:
             summary[f"dpo_{key}_to_dpo_final"] = dpo_cost
             summary[f"speedup_{key}"] = (dpo_cost / spo_cost) if spo_cost and dpo_cost else None
         summary["dpo_final_score"] = target
+        if target <= curves["dpo"][0]["eval_score"]:
+            summary["note"] = "DPO did not improve on its starting score: compute-to-reach is undefined"
     print_table(rows, ["method", "score_start", "score_final", "wall_s", "unet_rows"])
     print(json.dumps(summary, indent=2))
     png = Path(args.out).with_suffix(".png") if args.out else OUT_DIR / "bench_efficiency.png"
