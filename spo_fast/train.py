@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("config keys (--section.key value)")
     for key, help_text in field_help().items():
-        g.add_argument(f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text)
+        g.add_argument(f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text.replace("%", "%%"))
     return p
 
 

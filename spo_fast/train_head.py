@@ -437,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in log.output_dir")
     g = p.add_argument_group("config keys (--section.key value)")
     for key, help_text in field_help().items():
-        g.add_argument(f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text)
+        g.add_argument(
+            f"--{key}", dest=f"ov:{key}", default=None, metavar="V", help=help_text.replace("%", "%%")
+        )  # argparse formats help with %
     return p
 
 

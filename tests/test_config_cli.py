@@ -93,3 +93,17 @@ def test_cli_help_lists_every_key():
     for sec in ("model", "sampling", "train", "log"):
         for key in config_to_dict(SPOConfig())[sec]:
             assert f"--{sec}.{key}" in out
+    assert "option_strings" not in out, "a '%' in a help line was formatted by argparse"
+    assert "~30% slower" in " ".join(out.split())
+
+
+def test_train_head_cli_help_and_print_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "spo_fast.train_head", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--train.lr" in out and "option_strings" not in out
+    cfg = subprocess.run(
+        [sys.executable, "-m", "spo_fast.train_head", "--print-config", "--train.lr", "0.01"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert json.loads(cfg)["train"]["lr"] == 0.01
