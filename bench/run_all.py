@@ -25,8 +25,10 @@ BENCH_DIR = Path(__file__).parent
 # Smoke-run arguments per benchmark for --quick; benchmarks not listed run with their defaults.
 QUICK_ARGS: dict[str, list[str]] = {
     "bench_loss": ["--repeats", "3", "--shapes", "sd15", "--no-compile"],
-    "bench_resampler": ["--repeats", "5"],
+    "bench_resampler": ["--repeats", "5", "--shapes", "official"],
     "bench_e2e": ["--scale", "small", "--warmup", "0", "--iters", "1"],
+    "bench_efficiency": ["--iterations", "2", "--eval-every", "1", "--eval-prompts", "2"],
+    "bench_head": ["--sections", "flops", "--repeats", "1"],
 }
 
 

@@ -1,0 +1,26 @@
+"""The README's benchmark commands run: bench/run_all.py --quick over the loss, resampler and efficiency benches
+(bench_e2e has its own test), each writing JSON with the environment and its rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_run_all_quick(tmp_path):
+    out = tmp_path / "report.json"
+    names = ["bench_loss", "bench_resampler", "bench_efficiency"]
+    subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", *names, "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    for name in names:
+        entry = report["benchmarks"][name]
+        assert entry["returncode"] == 0, entry.get("log_tail")
+        res = entry["result"]
+        assert ("env" in res or "environment" in res) and res["rows"]
+    eff = report["benchmarks"]["bench_efficiency"]["result"]
+    assert {r["method"] for r in eff["rows"]} == {"spo", "dpo"}
