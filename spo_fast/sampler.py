@@ -51,6 +51,9 @@ class PoolSamplerConfig:
     inner_steps: int = 0
     threshold: float = 0.3
     eta: float = 1.0
+    # x0 estimate handed to the scorer: 1 = the official one-step prediction; n > 1 = n deterministic DDIM jumps
+    # from the candidate down to t = 0 (the first reuses the UNet output the pass computes anyway).
+    lookahead_steps: int = 1
 
     def validate(self) -> None:
         if self.num_steps < 1:
@@ -63,6 +66,8 @@ class PoolSamplerConfig:
             )
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.lookahead_steps < 1:
+            raise ValueError(f"lookahead_steps must be >= 1 (1 = the official one-step x0), got {self.lookahead_steps}")
         check_threshold(self.threshold)
         if not (self.eta > 0 and math.isfinite(self.eta)):
             raise ValueError(f"eta must be > 0 for SPO (the pool needs stochastic steps), got {self.eta}")
@@ -221,7 +226,8 @@ class PoolSampler:
             if i_next < n_steps and self.head is None:
                 pred_all = self.denoiser(flat, self._t(i_next, k * b, dev), cond_k)
                 rows += k * b
-                x0, _ = predict_x0_eps(self._coeffs(i_next, k * b, dev), pred_all, flat)
+                x0, extra = self._lookahead_x0(flat, pred_all, self.timesteps[i_next], cond_k)
+                rows += extra
                 score_t = self.timesteps[i_next]
             else:
                 # Head mode scores the noisy candidates at their own timestep; the final step scores x_0 at 0.
@@ -254,6 +260,33 @@ class PoolSampler:
         pp = ledger.end_pass()
         pairs = self._gather(pp, segments, log)
         return PoolResult(pairs, log, x, rows, int(pp.num_invalid))
+
+    def _lookahead_x0(self, x: Tensor, pred: Tensor, t: int, cond: Any) -> tuple[Tensor, int]:
+        """The candidates' x0 estimate for the scorer and the extra UNet rows it cost.
+
+        A scorer that judges finished images (the toy world's analytic score, an aesthetic or PickScore model without
+        timestep conditioning) is misled by the blurry one-step x0 at high noise, and SPO then learns to please the
+        blur: on the toy world, one-step labels at divert step 4 lower the held-out score (4.10 -> 2.80 in 10
+        iterations) while 3-jump lookahead labels raise it (4.10 -> 4.17), close to labels from the full 20-step
+        rollout (4.24). The jumps are deterministic (eta = 0) and evenly spaced in t from the candidate's timestep
+        to 0; the first reuses ``pred``."""
+        n = self.config.lookahead_steps
+        x0, eps = predict_x0_eps(self._coeffs_at(t, x.shape[0], x.device), pred, x)
+        if n == 1:
+            return x0, 0
+        alphas = self.scheduler.alphas_cumprod
+        seq = [round(t * (1 - j / n)) for j in range(n)]
+        for t_next in seq[1:]:
+            a = alphas[t_next].to(device=x.device, dtype=x.dtype)
+            x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            ts = torch.full((x.shape[0],), t_next, dtype=torch.long, device=x.device)
+            x0, eps = predict_x0_eps(self._coeffs_at(t_next, x.shape[0], x.device), self.denoiser(x, ts, cond), x)
+        return x0, (n - 1) * x.shape[0]
+
+    def _coeffs_at(self, t: int, n: int, device: torch.device):
+        return ddim_coefficients(
+            self.scheduler, t, self.config.eta, batch_size=n, device=device, num_inference_steps=self.config.num_steps
+        )
 
     def _gather(self, pp: Any, segments: list[list[Tensor]], log: PoolLog) -> PoolPairs:
         """Expand each valid (step, prompt) record into its m+1 transitions and gather the latents."""

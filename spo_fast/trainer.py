@@ -72,7 +72,9 @@ def validate_config(cfg: SPOConfig) -> None:
     s, t = cfg.sampling, cfg.train
     if t.method not in ("spo", "dpo"):
         raise ValueError(f"train.method must be 'spo' or 'dpo', got {t.method!r}")
-    PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta).validate()
+    PoolSamplerConfig(
+        s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta, s.lookahead_steps
+    ).validate()
     for key, v, lo in (
         ("sampling.batch_size", s.batch_size, 1),
         ("sampling.passes_per_iteration", s.passes_per_iteration, 1),
@@ -323,7 +325,9 @@ class SPOTrainer:
             # Trajectory level: k full chains per prompt from x_T, labelled by the final image only.
             sc = PoolSamplerConfig(s.num_steps, 2, 0, s.num_steps - 1, s.threshold, s.eta)
         else:
-            sc = PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta)
+            sc = PoolSamplerConfig(
+                s.num_steps, s.num_candidates, s.divert_step, s.inner_steps, s.threshold, s.eta, s.lookahead_steps
+            )
         self.scorer = DecodeScorer(self.components, self.image_scorer)
         # CUDA graphs for the sampling forwards (no grad, static shapes per phase); a pass-through on CPU.
         self._sample_denoiser = maybe_graph(self._policy_no_grad, self.device)

@@ -116,12 +116,46 @@ def test_trajectory_mode_labels_whole_chains(sched):
     assert len(res.pairs) == int(res.log.valid[0].sum()) * n and not res.pairs.shared_parent
 
 
+@pytest.mark.parametrize("la", [2, 3])
+def test_lookahead_scores_the_rolled_out_x0(sched, la):
+    """With lookahead_steps = n the scorer sees the x0 of n deterministic DDIM jumps from each candidate to t = 0
+    (evenly spaced in t; the first reuses the pool's UNet call), recomputed here in float64 from the scheduler's
+    alphas; every extra UNet call is counted."""
+    b, k, n, div = 2, 3, 8, 2
+    den, seen = Recorder(), []
+
+    def recording_scorer(x0, t, idx):
+        seen.append(x0.clone())
+        return scorer(x0, t, idx)
+
+    s = PoolSampler(den, sched, recording_scorer, PoolSamplerConfig(n, k, div, 0, 0.1, lookahead_steps=la))
+    cond = torch.tensor([0.1, -0.2])
+    g = torch.Generator().manual_seed(2)
+    res = s.sample(cond, torch.randn(b, 2, 3, 3, generator=g), g)
+    a, ts = sched.alphas_cumprod.double(), s.timesteps
+    offset = cond.repeat(k).view(-1, 1, 1, 1).double()
+    for s_i, t_idx in enumerate(range(div + 1, n)):
+        group = den.calls[div + 1 + s_i * la : div + 1 + (s_i + 1) * la]
+        steps = [round(ts[t_idx] * (1 - j / la)) for j in range(la)]
+        assert [int(c[1][0]) for c in group] == steps and all(c[0].shape[0] == k * b for c in group)
+        x = group[0][0].double()
+        for j, tj in enumerate(steps):
+            eps = 0.3 * x + offset
+            x0 = (x - (1 - a[tj]).sqrt() * eps) / a[tj].sqrt()
+            if j + 1 < la:
+                x = a[steps[j + 1]].sqrt() * x0 + (1 - a[steps[j + 1]]).sqrt() * eps
+        torch.testing.assert_close(seen[s_i].double(), x0, rtol=1e-5, atol=1e-5)
+    assert len(den.calls) == div + 1 + (n - div - 1) * la
+    assert res.unet_rows == b * (div + 1) + (n - div - 1) * k * b * la
+
+
 def test_bad_sampler_config():
     for kw, match in [
         (dict(num_candidates=1), "k"),
         (dict(divert_step=20), "divert_step"),
         (dict(threshold=1.0), "threshold"),
         (dict(eta=0.0), "eta"),
+        (dict(lookahead_steps=0), "lookahead_steps"),
     ]:
         with pytest.raises(ValueError, match=match):
             PoolSamplerConfig(**kw).validate()

@@ -104,14 +104,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
 
 def test_spo_raises_the_held_out_score_beyond_lr0(tmp_path):
-    """A short fixed-seed toy run: the held-out score rises, while the same run with lr 0 (the policy stays the
-    base model; evaluation noise is fixed) does not move at all."""
+    """A short fixed-seed run of the toy preset (lookahead labels, divert 4): the held-out score rises clearly, while
+    the same run with lr 0 (the policy stays the base model; evaluation noise is fixed) does not move at all."""
     gains = {}
-    for lr in (3e-4, 0.0):
-        over = {"train.iterations": 16, "train.lr": lr, "data.num_eval_prompts": 16, "log.eval_every": 0,
+    for lr in (6e-4, 0.0):
+        over = {"train.iterations": 12, "train.lr": lr, "data.num_eval_prompts": 16, "log.eval_every": 0,
                 "log.progress": False, "log.output_dir": str(tmp_path / f"lr{lr}")}  # fmt: skip
         SPOTrainer(make_config("toy", overrides=over)).run()
         evals = [r["eval_score"] for r in read_metrics(tmp_path / f"lr{lr}") if "eval_score" in r]
         gains[lr] = evals[-1] - evals[0]
+    print(gains)
     assert abs(gains[0.0]) < 1e-6
-    assert gains[3e-4] > 0.005, gains
+    # measured +0.13 (score x10 scale); with one-step x0 labels the score fell by 1.3 in 10 iterations
+    assert gains[6e-4] > 0.05, gains
