@@ -31,8 +31,8 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
         "log.progress": False,
         "data.num_eval_prompts": args.eval_prompts,
     }
-    trainer = SPOTrainer(make_config("toy", overrides=overrides), overwrite=True)
-    trainer.run()
+    if not (args.reuse and (out / method / "summary.json").is_file()):
+        SPOTrainer(make_config("toy", overrides=overrides), overwrite=True).run()
     curve, wall = [], 0.0
     for r in read_metrics(out / method):
         wall += r.get("time_sampling", 0.0) + r.get("time_training", 0.0)
@@ -61,6 +61,15 @@ def compute_to_reach(curve: list[dict], target: float, key: str) -> float | None
     return None
 
 
+def score_at(curve: list[dict], budget: float, key: str) -> float | None:
+    """Held-out score at ``budget`` of ``key`` (linear interpolation between evaluations); None past the curve."""
+    for a, b in zip(curve, curve[1:]):
+        if a[key] <= budget <= b[key]:
+            f = (budget - a[key]) / (b[key] - a[key]) if b[key] > a[key] else 1.0
+            return a["eval_score"] + f * (b["eval_score"] - a["eval_score"])
+    return None
+
+
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -86,6 +95,7 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=["spo", "dpo"], choices=["spo", "dpo"])
+    ap.add_argument("--reuse", action="store_true", help="summarise finished runs in bench/out instead of training")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_efficiency.json)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -111,6 +121,13 @@ def main() -> None:
             summary[f"dpo_{key}_to_dpo_final"] = dpo_cost
             summary[f"speedup_{key}"] = (dpo_cost / spo_cost) if spo_cost and dpo_cost else None
         summary["dpo_final_score"] = target
+        # Equal compute: both methods' gain at the smaller of the two final budgets (defined even when DPO never rises).
+        for key in ("wall_s", "unet_rows"):
+            budget = min(curves["spo"][-1][key], curves["dpo"][-1][key])
+            summary[f"equal_{key}_budget"] = budget
+            for m in ("spo", "dpo"):
+                at = score_at(curves[m], budget, key)
+                summary[f"{m}_gain_at_equal_{key}"] = None if at is None else at - curves[m][0]["eval_score"]
         if target <= curves["dpo"][0]["eval_score"]:
             summary["note"] = "DPO did not improve on its starting score: compute-to-reach is undefined"
     print_table(rows, ["method", "score_start", "score_final", "wall_s", "unet_rows"])

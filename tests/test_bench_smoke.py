@@ -24,3 +24,5 @@ def test_run_all_quick(tmp_path):
         assert ("env" in res or "environment" in res) and res["rows"]
     eff = report["benchmarks"]["bench_efficiency"]["result"]
     assert {r["method"] for r in eff["rows"]} == {"spo", "dpo"}
+    # the equal-compute comparison is defined whether or not DPO rises above its start
+    assert {"spo_gain_at_equal_unet_rows", "dpo_gain_at_equal_unet_rows"} <= set(eff["summary"])
