@@ -7,6 +7,8 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "ledger_core.h"
 
@@ -50,6 +52,31 @@ py::tuple select(const CArray<T>& scores, double threshold, double band, int64_t
     spo_fast::continuation_indices(seed, pass_index, step, b, k, next.mutable_data());
   }
   return py::make_tuple(win, lose, valid, margin, next, undecided, n_undecided);
+}
+
+// LedgerCore::select_and_record over numpy arrays: one Python -> C++ crossing per scored step. Returns (win, lose,
+// valid, margin, next, undecided), undecided being None in the common case that every column was decided (and the step
+// recorded). The GIL is kept: the work is a few hundred nanoseconds, less than releasing and re-taking it.
+template <typename T>
+py::tuple select_and_record(LedgerCore& self, const CArray<T>& scores, double threshold, double band, int64_t seed,
+                            int64_t step, int64_t timestep, const CArray<int64_t>& parent) {
+  if (scores.ndim() != 2) throw std::invalid_argument("scores must have shape [k, b]");
+  const int64_t k = scores.shape(0), b = scores.shape(1);
+  const int64_t* p = checked(parent, b, "parent");
+  py::array_t<int64_t> win(b), lose(b), next(b);
+  py::array_t<bool> valid(b);
+  py::array_t<float> margin(b);
+  std::vector<uint8_t> undecided(static_cast<size_t>(b));
+  const int64_t n_undecided = self.select_and_record<T>(
+      scores.data(), k, b, threshold, band, seed, step, timestep, p, win.mutable_data(), lose.mutable_data(),
+      reinterpret_cast<uint8_t*>(valid.mutable_data()), margin.mutable_data(), next.mutable_data(), undecided.data());
+  py::object und = py::none();
+  if (n_undecided > 0) {
+    py::array_t<bool> u(b);
+    std::memcpy(u.mutable_data(), undecided.data(), undecided.size());  // bool is one byte, 0 or 1
+    und = std::move(u);
+  }
+  return py::make_tuple(win, lose, valid, margin, next, und);
 }
 
 }  // namespace
@@ -105,6 +132,10 @@ PYBIND11_MODULE(_C, m) {
                          reinterpret_cast<const uint8_t*>(checked(valid, b, "valid")), checked(margin, b, "margin"),
                          checked(parent, b, "parent"), b);
            })
+      .def("select_and_record_f32", &select_and_record<float>, py::arg("scores"), py::arg("threshold"),
+           py::arg("band"), py::arg("seed"), py::arg("step"), py::arg("timestep"), py::arg("parent"))
+      .def("select_and_record_f64", &select_and_record<double>, py::arg("scores"), py::arg("threshold"),
+           py::arg("band"), py::arg("seed"), py::arg("step"), py::arg("timestep"), py::arg("parent"))
       .def("end_pass",
            [](LedgerCore& self) {
              spo_fast::PassPairs p = self.end_pass();

@@ -110,6 +110,29 @@ void LedgerCore::record(int64_t step, int64_t timestep, const int64_t* w, const 
   parent.insert(parent.end(), p, p + b);
 }
 
+template <typename T>
+int64_t LedgerCore::select_and_record(const T* scores, int64_t k, int64_t b, double threshold, double band,
+                                      int64_t seed, int64_t step, int64_t timestep, const int64_t* parent,
+                                      int64_t* w, int64_t* l, uint8_t* v, float* m, int64_t* next,
+                                      uint8_t* undecided) {
+  // Checked before selecting so that a bad call leaves no trace, as record() does.
+  if (!in_pass) throw std::invalid_argument("record_step called outside a pass (call begin_pass first)");
+  if (b != batch)
+    throw std::invalid_argument("record_step got " + std::to_string(b) + " columns, the pass has " +
+                                std::to_string(batch) + " prompts");
+  const int64_t num_undecided = select_columns<T>(scores, k, b, threshold, band, w, l, v, m, undecided);
+  continuation_indices(seed, pass_index, step, b, k, next);
+  if (num_undecided == 0) record(step, timestep, w, l, v, m, parent, b);
+  return num_undecided;
+}
+
+template int64_t LedgerCore::select_and_record<float>(const float*, int64_t, int64_t, double, double, int64_t, int64_t,
+                                                      int64_t, const int64_t*, int64_t*, int64_t*, uint8_t*, float*,
+                                                      int64_t*, uint8_t*);
+template int64_t LedgerCore::select_and_record<double>(const double*, int64_t, int64_t, double, double, int64_t,
+                                                       int64_t, int64_t, const int64_t*, int64_t*, int64_t*, uint8_t*,
+                                                       float*, int64_t*, uint8_t*);
+
 PassPairs LedgerCore::end_pass() {
   if (!in_pass) throw std::invalid_argument("end_pass called outside a pass (call begin_pass first)");
   PassPairs out;

@@ -12,7 +12,7 @@
 namespace spo_fast {
 
 // Bumped whenever the semantics or the binding signatures change; a stale _C is then refused at load time.
-constexpr int kApiVersion = 1;
+constexpr int kApiVersion = 2;
 
 // Domains separate the random streams so that, e.g., continuation draws never reuse permutation draws.
 constexpr uint64_t kDomainContinuation = 1;
@@ -73,6 +73,14 @@ class LedgerCore {
   void begin_pass(int64_t pass_index, const int64_t* prompt_ids, int64_t b);
   void record(int64_t step, int64_t timestep, const int64_t* win, const int64_t* lose, const uint8_t* valid,
               const float* margin, const int64_t* parent, int64_t b);
+  // The sampler's per-step path in one call: select_columns + continuation_indices (keyed by this pass's index) +
+  // record. The selection is written to the out arrays. It is recorded only when no column is undecided; otherwise
+  // nothing is recorded, the count is returned, and the caller decides those columns and calls record() itself (so a
+  // recorded valid/margin is always the final one).
+  template <typename T>
+  int64_t select_and_record(const T* scores, int64_t k, int64_t b, double threshold, double band, int64_t seed,
+                            int64_t step, int64_t timestep, const int64_t* parent, int64_t* win, int64_t* lose,
+                            uint8_t* valid, float* margin, int64_t* next, uint8_t* undecided);
   PassPairs end_pass();
 
   bool in_pass = false;

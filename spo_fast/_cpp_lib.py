@@ -28,7 +28,7 @@ __all__ = [
 logger = logging.getLogger("spo_fast")
 
 # Must equal spo_fast::kApiVersion in csrc/ledger_core.h.
-EXTENSION_API_VERSION = 1
+EXTENSION_API_VERSION = 2
 
 BUILD_HINT = (
     "build it with `pip install -e . --no-build-isolation` (needs a C++17 compiler and pybind11; "

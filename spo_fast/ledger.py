@@ -424,6 +424,38 @@ class _PyLedgerCore:
         self.margin += margin.tolist()
         self.parent += parent.tolist()
 
+    def select_and_record(
+        self,
+        scores: np.ndarray,
+        threshold: float,
+        band: float,
+        seed: int,
+        step: int,
+        timestep: int,
+        parent: np.ndarray,
+    ) -> tuple:
+        """Mirror of ``select_and_record`` in csrc/bindings.cpp: numpy in, numpy out, recorded unless undecided."""
+        if not self.in_pass:
+            raise ValueError("record_step called outside a pass (call begin_pass first)")
+        k, b = scores.shape
+        if b != self.batch:
+            raise ValueError(f"record_step got {b} columns, the pass has {self.batch} prompts")
+        w, lo, v, m, und, n_und = _select_columns_py(scores.tolist(), k, b, threshold, band)
+        out = (
+            np.asarray(w, dtype=np.int64),
+            np.asarray(lo, dtype=np.int64),
+            np.asarray(v, dtype=bool),
+            np.asarray(m, dtype=np.float32),  # rounded as static_cast<float>: the recorded margin is the float32 one
+            np.asarray(_continuation_py(seed, self.pass_index, step, b, k), dtype=np.int64),
+            np.asarray(und, dtype=bool) if n_und else None,
+        )
+        if not n_und:
+            self.record(step, timestep, *out[:4], parent)
+        return out
+
+    # One method for both dtypes: the scores become Python floats (doubles) either way, as in select_step.
+    select_and_record_f32 = select_and_record_f64 = select_and_record
+
     def end_pass(self) -> tuple:
         if not self.in_pass:
             raise ValueError("end_pass called outside a pass (call begin_pass first)")
@@ -571,6 +603,78 @@ class PairLedger:
             _host(selection.margin, torch.float32),
             _host(parent, torch.int64),
         )
+
+    def select_and_record(
+        self,
+        step: int,
+        timestep: int,
+        scores: Tensor,
+        threshold: float,
+        parent: Tensor,
+        *,
+        seed: int | None = None,
+        backend: str | None = None,
+    ) -> StepSelection:
+        """:func:`select_step` and :meth:`record_step` in one call: what the sampler runs at every scored step.
+
+        The result equals ``select_step(scores, threshold, seed, pass_index, step)`` followed by
+        ``record_step(step, timestep, selection, parent)`` with this pass's ``pass_index``, bit for bit, on every
+        backend. On the CPU fast path (float32/float64 scores) the selection, the continuation draw and the append
+        happen in one call into the backend's core: per step the Python side only checks the arguments and wraps the
+        five result arrays as tensors (the separate calls cost about twice as much; see bench/bench_resampler.py).
+
+        Args:
+            step, timestep: as for :meth:`record_step`.
+            scores: ``[k, b]`` preference scores of this pass's ``b`` prompts.
+            threshold: validity threshold of the softmax margin, in ``[0, 1)``.
+            parent: ``[b]`` continuation index of the previous scored step (``-1`` at the divert step).
+            seed: key of the continuation draw; defaults to the ledger's ``seed``.
+            backend: selection backend override, as for :func:`select_step` (``'torch'`` forces the torch-op path;
+                CUDA scores always take it); ``None`` uses the ledger's backend.
+
+        Returns:
+            The :class:`StepSelection` (on the scores' device).
+        """
+        if not self._in_pass:
+            raise ValueError("record_step called outside a pass (call begin_pass first)")
+        k, b = _check_scores(scores, threshold)
+        seed = self.seed if seed is None else _int64("seed", seed)
+        step, timestep = _int64("step", step), _int64("timestep", timestep)
+        if b != self._batch:
+            raise ValueError(f"scores has {b} columns (prompts), the pass has {self._batch} prompts")
+        if not isinstance(parent, Tensor):
+            parent = torch.as_tensor(parent, dtype=torch.int64, device=scores.device)
+        if parent.shape != (b,):
+            raise ValueError(f"parent must have shape ({b},), got {tuple(parent.shape)}")
+        dtype = scores.dtype
+        if (
+            (backend is not None and backend != self.backend and backend != "auto")
+            or not scores.is_cpu
+            or dtype not in _BAND
+            or self._pending
+        ):
+            # Off the fast path (torch ops, CUDA, half precision, another backend, records waiting on the device): the
+            # two public calls, which give the same result.
+            sel = select_step(scores, threshold, seed, self._pass_index, step, backend=backend or self.backend)
+            self.record_step(step, timestep, sel, parent)
+            return sel
+        x = scores.detach() if scores.requires_grad else scores
+        if not x.is_contiguous():
+            x = x.contiguous()
+        p = _host(parent if parent.is_cpu else parent.cpu(), torch.int64)
+        core = self._core
+        fn = core.select_and_record_f64 if dtype is torch.float64 else core.select_and_record_f32
+        w, lo, v, m, nxt, und = fn(
+            x.numpy(), _threshold_in(float(threshold), dtype), _BAND[dtype], seed, step, timestep, p
+        )
+        win, lose, valid, margin = torch.from_numpy(w), torch.from_numpy(lo), torch.from_numpy(v), torch.from_numpy(m)
+        if und is not None:
+            # A margin within rounding of the threshold: decided with select_pairs' arithmetic, then recorded. The
+            # tensors share memory with w, lo, v, m, so the record sees the decided values.
+            _decide_undecided(x, threshold, win, lose, valid, margin, torch.from_numpy(und))
+            core.record(step, timestep, w, lo, v, m, p)
+        self._slots += 1
+        return StepSelection(win=win, lose=lose, valid=valid, margin=margin, next_index=torch.from_numpy(nxt))
 
     def _flush(self) -> None:
         """Moves device-resident records to the host in one transfer (the pass's only host sync)."""

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .ddim import ddim_coefficients, ddim_step, predict_x0_eps
-from .ledger import PairLedger, select_step
+from .ledger import PairLedger
 from .selection import check_threshold
 
 __all__ = ["PoolSamplerConfig", "PoolPairs", "PoolLog", "PoolResult", "PoolSampler", "ddim_sample"]
@@ -239,8 +239,7 @@ class PoolSampler:
             else:
                 scores = self.scorer(x0, score_ts, cols.repeat(k))
             scores = scores.reshape(k, b).float()
-            sel = select_step(scores, cfg.threshold, seed, pass_index, i)
-            ledger.record_step(i, self.timesteps[i], sel, parent_choice)
+            sel = ledger.select_and_record(i, self.timesteps[i], scores, cfg.threshold, parent_choice, seed=seed)
             nxt = sel.next_index.to(dev)
             x = cur[nxt, cols]
             if pred_all is not None:

@@ -362,3 +362,173 @@ def test_cuda_selection_and_ledger_match_cpu():
     a.record_step(0, 981, sel, torch.full((10,), -1, device=dev))
     c.record_step(0, 981, L.StepSelection(*(t.cpu() for t in vars(sel).values())), torch.full((10,), -1))
     pass_equal(a.end_pass(), c.end_pass())
+
+
+# ---------------------------------------------------------------------------------------------- fused select_and_record
+
+
+@st.composite
+def pass_scores(draw: st.DrawFn) -> list[torch.Tensor]:
+    """A pass's score tables: NaN/inf/ties/extremes, near-threshold gaps, float32 or float64 (one dtype per pass)."""
+    k, b, steps = draw(st.integers(2, 6)), draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    edge = st.sampled_from([2 * math.atanh(0.3) * (1 + j * 2.0**-24) for j in range(-3, 4)])
+    values = st.one_of(score_values, edge)
+    return [
+        torch.tensor(draw(st.lists(values, min_size=k * b, max_size=k * b)), dtype=dtype).reshape(k, b)
+        for _ in range(steps)
+    ]
+
+
+def fused_pass(led: L.PairLedger, pass_index: int, scores: list[torch.Tensor], threshold: float, seed=None):
+    b = scores[0].shape[1]
+    led.begin_pass(pass_index, torch.arange(b) + 7)
+    parent, sels = torch.full((b,), -1, dtype=torch.int64), []
+    for s, sc in enumerate(scores):
+        sel = led.select_and_record(s, 981 - 50 * s, sc, threshold, parent, seed=seed)
+        parent = sel.next_index
+        sels.append(sel)
+    return led.end_pass(), sels
+
+
+def two_call_pass(led: L.PairLedger, pass_index: int, scores: list[torch.Tensor], threshold: float, seed: int):
+    b = scores[0].shape[1]
+    led.begin_pass(pass_index, torch.arange(b) + 7)
+    parent, sels = torch.full((b,), -1, dtype=torch.int64), []
+    for s, sc in enumerate(scores):
+        sel = L.select_step(sc, threshold, seed, pass_index, s, backend=led.backend)
+        led.record_step(s, 981 - 50 * s, sel, parent)
+        parent = sel.next_index
+        sels.append(sel)
+    return led.end_pass(), sels
+
+
+@FAST
+@given(scores=pass_scores(), threshold=thresholds, seed=INT64, pass_index=st.integers(0, 10**6))
+def test_select_and_record_equals_the_two_calls_on_every_backend(scores, threshold, seed, pass_index):
+    """The fused call (the sampler's path) == select_step + record_step, bit for bit, and C++ == Python."""
+    results = {}
+    for backend in ["python"] + (["cpp"] if HAS_CPP else []):
+        ref_led, led = L.PairLedger(seed, backend=backend), L.PairLedger(seed, backend=backend)
+        ref_pairs, ref_sels = two_call_pass(ref_led, pass_index, scores, threshold, seed)
+        pairs, sels = fused_pass(led, pass_index, scores, threshold)  # seed defaults to the ledger's
+        for a, c in zip(sels, ref_sels):
+            assert_same_selection(a, c)
+        pass_equal(pairs, ref_pairs)
+        assert led.stats() == ref_led.stats() or all(
+            (math.isnan(x) and math.isnan(y)) or x == y
+            for t in ref_led.stats()
+            for x, y in zip(led.stats()[t].values(), ref_led.stats()[t].values())
+        )
+        results[backend] = (pairs, sels, led.state_dict())
+    if HAS_CPP:
+        (p_py, s_py, st_py), (p_cpp, s_cpp, st_cpp) = results["python"], results["cpp"]
+        pass_equal(p_py, p_cpp)
+        for a, c in zip(s_py, s_cpp):
+            assert_same_selection(a, c)
+        assert st_py["stats"].keys() == st_cpp["stats"].keys()
+    # The torch-op selection through the same call gives the same pairs (its margins within float32 rounding).
+    tch, tch_sels = L.PairLedger(seed, backend="python"), []
+    tch.begin_pass(pass_index, torch.arange(scores[0].shape[1]) + 7)
+    parent = torch.full((scores[0].shape[1],), -1, dtype=torch.int64)
+    for s, sc in enumerate(scores):
+        sel = tch.select_and_record(s, 981 - 50 * s, sc, threshold, parent, backend="torch")
+        parent = sel.next_index
+        tch_sels.append(sel)
+    p_t, p_ref = tch.end_pass(), results["python"][0]
+    for name in ("step_slot", "column", "win", "lose", "parent", "prompt_id"):
+        assert torch.equal(getattr(p_t, name), getattr(p_ref, name)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_and_record_decides_the_threshold_edge_before_recording(backend):
+    """Undecided margins (within rounding of the threshold) are re-decided, and the ledger keeps the decided value."""
+    gap = 2 * math.atanh(0.3)
+    cols = [torch.tensor([gap * (1 + j * 2.0**-24) + 1.0, 1.0]) for j in range(-40, 41)]
+    scores = torch.stack(cols, 1)
+    _, valid = select_pairs(scores, 0.3)
+    assert 0 < int(valid.sum()) < valid.numel()  # the edge really splits
+    led = L.PairLedger(backend=backend)
+    led.begin_pass(0, range(scores.shape[1]))
+    sel = led.select_and_record(0, 981, scores, 0.3, torch.full((scores.shape[1],), -1))
+    assert torch.equal(sel.valid, valid)
+    pairs = led.end_pass()
+    assert torch.equal(pairs.column, valid.nonzero()[:, 0]) and pairs.num_invalid == int((~valid).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_and_record_off_the_fast_path(backend):
+    """Half precision, non-contiguous, requires_grad, list parent and an explicit seed give the two-call result."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 4, generator=g)
+    variants = [
+        base.half(),
+        base.t().contiguous().t(),  # non-contiguous [k, b] view
+        base.clone().requires_grad_(True),
+        base.double(),
+    ]
+    for scores in variants:
+        a, c = L.PairLedger(1, backend=backend), L.PairLedger(1, backend=backend)
+        a.begin_pass(3, range(4))
+        c.begin_pass(3, range(4))
+        sa = a.select_and_record(2, 901, scores, 0.3, [-1, -1, -1, -1], seed=11)
+        sc = L.select_step(scores, 0.3, 11, 3, 2, backend=backend)
+        c.record_step(2, 901, sc, torch.full((4,), -1))
+        assert_same_selection(sa, sc)
+        pass_equal(a.end_pass(), c.end_pass())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_and_record_bad_input(backend):
+    led = L.PairLedger(backend=backend)
+    with pytest.raises(ValueError, match="outside a pass"):
+        led.select_and_record(0, 981, torch.randn(4, 3), 0.3, torch.full((3,), -1))
+    led.begin_pass(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="3 prompts"):
+        led.select_and_record(0, 981, torch.randn(4, 2), 0.3, torch.full((2,), -1))
+    with pytest.raises(ValueError, match=r"parent must have shape \(3,\)"):
+        led.select_and_record(0, 981, torch.randn(4, 3), 0.3, torch.full((2,), -1))
+    with pytest.raises(ValueError, match="k >= 2"):
+        led.select_and_record(0, 981, torch.randn(1, 3), 0.3, torch.full((3,), -1))
+    with pytest.raises(ValueError, match="threshold"):
+        led.select_and_record(0, 981, torch.randn(4, 3), 1.5, torch.full((3,), -1))
+    with pytest.raises(ValueError, match="64-bit"):
+        led.select_and_record(2**64, 981, torch.randn(4, 3), 0.3, torch.full((3,), -1))
+    # Nothing of the failed calls was recorded; an all-NaN prompt gives no pair and is counted.
+    scores = torch.randn(4, 3)
+    scores[:, 1] = math.nan
+    led.select_and_record(0, 981, scores, 0.0, torch.full((3,), -1))
+    pairs = led.end_pass()
+    assert pairs.num_nan_prompts == 1 and 1 not in pairs.column.tolist() and pairs.step_slot.tolist() == [0, 0]
+
+
+def test_select_and_record_with_extension_disabled(monkeypatch):
+    """SPO_FAST_CPP=0: the fused call runs on the pure-Python core and still equals the C++ result when built."""
+    monkeypatch.setenv("SPO_FAST_CPP", "0")
+    g = torch.Generator().manual_seed(2)
+    scores = [torch.randn(4, 10, generator=g) for _ in range(16)]
+    led = L.PairLedger(4)
+    assert led.backend == "python" and isinstance(led._core, L._PyLedgerCore)
+    py_pairs, py_sels = fused_pass(led, 9, scores, 0.3)
+    assert py_pairs.num_pairs > 0
+    if HAS_CPP:
+        cpp_pairs, cpp_sels = fused_pass(L.PairLedger(4, backend="cpp"), 9, scores, 0.3)
+        pass_equal(py_pairs, cpp_pairs)
+        for a, c in zip(py_sels, cpp_sels):
+            assert_same_selection(a, c)
+
+
+def test_stale_extension_names_both_versions(monkeypatch):
+    class Stale:
+        API_VERSION = _cpp_lib.EXTENSION_API_VERSION - 1
+
+    import spo_fast
+
+    monkeypatch.setattr(_cpp_lib, "_tried", False)
+    monkeypatch.setattr(_cpp_lib, "_module", None)
+    monkeypatch.setattr(_cpp_lib, "_reason", None)
+    # `from . import _C` finds the already imported submodule as the package attribute.
+    monkeypatch.setattr(spo_fast, "_C", Stale, raising=False)
+    assert not _cpp_lib.cpp_available()
+    reason = _cpp_lib.cpp_unavailable_reason()
+    assert f"API_VERSION={Stale.API_VERSION}" in reason and f"needs {_cpp_lib.EXTENSION_API_VERSION}" in reason
