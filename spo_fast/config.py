@@ -133,7 +133,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "toy": {
         "sampling": {"divert_step": 4, "threshold": 0.05, "lookahead_steps": 2},
         "train": {"lr": 6e-4, "iterations": 40},
-        "log": {"eval_every": 10},
+        "log": {"eval_every": 20},
     },
     "sd15": {
         "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "kind": "sd15", "lora_rank": 4, "dtype": "fp16"},
