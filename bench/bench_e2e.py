@@ -507,22 +507,24 @@ class TimedHead:
     def __init__(self, head: Any, timer: Timer) -> None:
         self.head, self.timer, self.images = head, timer, 0
 
-    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor) -> Tensor:
+    def __call__(
+        self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor | None = None
+    ) -> Tensor:
         self.images += latents.shape[0]
         with self.timer.section("score"):
-            return self.head(latents, timesteps, cond, prompt_index)
+            return self.head(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
 
 
 def head_arch(comps: Any, scale: str) -> Any:
-    """The head the fast+head mode times: the latent encoder (the chosen design, see spo_fast.head), sized for
-    SD1.5 latents (64x64 -> 16x16 feature map) at full scale, and in proportion to the tiny UNet at small scale."""
+    """The head the fast+head mode times: the direction head (the chosen design, see spo_fast.head; its conv net runs
+    on the b pool means), 128 wide at full scale, and the toy default (32 wide, 3 blocks) at small scale."""
     from spo_fast.head import HeadArchConfig, scheduler_signature
 
     full = scale == "full"
     return HeadArchConfig(
-        encoder="latent", latent_channels=int(comps.unet.config.in_channels),
+        encoder="direction", latent_channels=int(comps.unet.config.in_channels),
         text_dim=sum(int(e.config.hidden_size) for e in comps.text_encoders), width=128 if full else 32,
-        depth=4 if full else 2, downsample=2 if full else 0, embed_dim=128 if full else 64,
+        depth=4 if full else 3, downsample=0, embed_dim=128 if full else 64,
         scheduler=scheduler_signature(comps.scheduler),
     )  # fmt: skip
 

@@ -4,10 +4,11 @@ Sections (``--sections``):
 
 flops    per scored step at SD1.5 scale (k = 4, b = 10, CFG): FLOPs counted with ``torch.utils.flop_counter`` on
          meta-device models (nothing allocated): the teacher path (UNet with CFG on the k*b candidates, VAE decode
-         to 512x512, a CLIP-ViT-H/14 vision tower at 224) against the head path (each head encoder on the k*b noisy
-         candidates, plus the UNet with CFG on the b continuations only).
+         to 512x512, a CLIP-ViT-H/14 vision tower at 224) against the head path (the direction head on the b pool
+         means, or the latent / unet encoders on the k*b noisy candidates, plus the UNet with CFG on the b
+         continuations only).
 cpu      CPU seconds per scored step on the toy world (the shipped toy base model, k = 4, b = 8): teacher path
-         (UNet on k*b with CFG, VAE decode, ToyImageScorer) against the head path (head on k*b, UNet on b).
+         (UNet on k*b with CFG, VAE decode, ToyImageScorer) against the head path (head, UNet on b).
 spo      SPO on the toy world with the teacher against SPO with a trained head (``--head``): held-out score after
          each iteration against the compute spent (seconds and UNet rows). Needs ``--head``.
 
@@ -64,7 +65,7 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
         "vit_h_224": _flops(lambda: vit(pixel_values=torch.randn(n, 3, 224, 224, device="meta"))) / n,
     }
     heads = {}
-    for enc in ("latent", "unet"):
+    for enc in ("direction", "latent", "unet"):
         arch = HeadArchConfig(encoder=enc, latent_channels=4, text_dim=768, width=128, depth=4,
                               downsample=2 if enc == "latent" else 0, embed_dim=128, levels=[1, 2, 4],
                               scheduler=scheduler_signature(sched))  # fmt: skip
@@ -72,21 +73,26 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
             head = NoisyLatentPreferenceHead(arch, unet=unet)
         text = torch.randn(1, 128, device="meta")
         idx = torch.zeros(n, dtype=torch.long, device="meta")
-        heads[enc] = _flops(lambda h=head, e=text, i=idx: h(x, t, e, i, c)) / n
+        if enc == "direction":  # one pool of k candidates per parent: the conv net runs once per pool
+            cand = torch.randn(k, n, 4, 64, 64, device="meta")
+            heads[enc] = _flops(lambda h=head, e=text, i=idx, cd=cand: h.score_pools(cd, x, t, e, i)) / (k * n)
+        else:
+            heads[enc] = _flops(lambda h=head, e=text, i=idx: h(x, t, e, i, c)) / n
         heads[f"{enc}_params"] = sum(p.numel() for p in head.parameters())
-    per["head_latent"], per["head_unet"] = heads["latent"], heads["unet"]
+    encs = ("direction", "latent", "unet")
+    for e in encs:
+        per[f"head_{e}"] = heads[e]
     teacher_step = 2 * k * b * per["unet_row"] + k * b * (per["vae_decode"] + per["vit_h_224"])
-    head_step = {e: 2 * b * per["unet_row"] + k * b * per[f"head_{e}"] for e in ("latent", "unet")}
+    head_step = {e: 2 * b * per["unet_row"] + k * b * per[f"head_{e}"] for e in encs}
     return {
         "k": k,
         "b": b,
         "gflops_per_row": {key: v / 1e9 for key, v in per.items()},
-        "head_parameters": {"latent": heads["latent_params"], "unet": heads["unet_params"]},
+        "head_parameters": {e: heads[f"{e}_params"] for e in encs},
         "scoring_gflops_per_candidate": {
             "decode+teacher": (per["vae_decode"] + per["vit_h_224"]) / 1e9,
             "unet_for_x0+decode+teacher": (2 * per["unet_row"] + per["vae_decode"] + per["vit_h_224"]) / 1e9,
-            "head_latent": per["head_latent"] / 1e9,
-            "head_unet": per["head_unet"] / 1e9,
+            **{f"head_{e}": per[f"head_{e}"] / 1e9 for e in encs},
         },
         "scored_step_tflops": {"teacher": teacher_step / 1e12, **{f"head_{e}": v / 1e12 for e, v in head_step.items()}},
         "scored_step_ratio": {f"head_{e}": teacher_step / v for e, v in head_step.items()},
@@ -140,7 +146,8 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
             encoder=name, latent_channels=4, text_dim=64, width=64, depth=4, scheduler=scheduler_signature(sched)),
             unet=comps.unet)  # fmt: skip
         hs = HeadScorer(head)
-        times[f"head_{name}_kb"] = median_time(lambda hs=hs: hs(x, ts, cond, cols), "cpu", repeats)
+        px = x[:b]  # the parents' x0 estimate (read by the direction head only)
+        times[f"head_{name}_kb"] = median_time(lambda hs=hs, px=px: hs(x, ts, cond, cols, parent_x0=px), "cpu", repeats)
         times[f"head_step_{name}"] = times[f"head_{name}_kb"] + times["unet_b_cfg"]
     return {
         "k": k,
@@ -187,7 +194,8 @@ def spo_section(head_path: str, iterations: int, eval_prompts: int) -> dict[str,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", nargs="+", default=["flops", "cpu"], choices=("flops", "cpu", "spo"))
-    ap.add_argument("--head", default="", help="trained latent-encoder head.pt (cpu and spo sections)")
+    ap.add_argument("--head", default="", help="trained head.pt (spo section; cpu section when a direction head)")
+    ap.add_argument("--latent-head", default="", help="trained latent-encoder head.pt (cpu section)")
     ap.add_argument("--unet-head", default="", help="trained unet-encoder head.pt (cpu section)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ["path", "GFLOP/candidate"])  # fmt: skip
         print("scored step TFLOP:", json.dumps(f["scored_step_tflops"]), "ratio:", json.dumps(f["scored_step_ratio"]))
     if "cpu" in args.sections:
-        c = cpu_section({"latent": args.head, "unet": args.unet_head}, args.repeats)
+        c = cpu_section({"direction": args.head, "latent": args.latent_head, "unet": args.unet_head}, args.repeats)
         payload["cpu"] = c
         print_table([{"phase": k, "seconds": v} for k, v in c["seconds"].items()], ["phase", "seconds"])
         print("speed-up per scored step:", json.dumps(c["speedup_per_scored_step"]))

@@ -2,30 +2,44 @@
 the sampler needs neither the VAE decoder nor the image preference model, nor a UNet pass on every candidate
 (DESIGN.md section 3, point 3).
 
-Architecture (the step-aware model's recipe, moved from pixels to latents)::
-
-    x_t [n, C, h, w] --encoder(t)--> F [n, W, h', w']                 two encoders, see below
-    F --pyramid average pooling (1x1, 2x2, 4x4 cells)--> p [n, cells * W]
-    y = proj(p)                       [n, D]
-    e = text_proj(mean over tokens of the cached prompt embeddings)   [b, D]   (once per prompt batch)
-    score = exp(logit_scale) * cos(y, e[prompt_index])
-
-The tail (pooling -> projection -> cosine -> scale) is :func:`score_tail`: one fused Triton launch on GPUs
-(``spo_fast.kernels.head_score``), the PyTorch reference :func:`score_tail_ref` elsewhere.
-
 Encoders (``HeadArchConfig.encoder``):
 
-* ``latent``: a small trainable conv encoder; every residual block is adaLN-modulated by the timestep
-  (sinusoidal(256) -> MLP -> shift, scale, gate), as in the step-aware preference model's vision layers.
+* ``direction`` (the default): a pool-level head. From the pool mean, the parent's x0 estimate (free: the sampler
+  made the pool's mean from it), the timestep and the prompt, a small adaLN conv net predicts a latent-shaped
+  direction ``g``, and candidate i scores ``<g, x_i - mean>`` (:func:`direction_scores`). It is trained to be the
+  teacher's gradient at the pool mean (:func:`direction_distillation_loss`; the target comes from the teacher
+  through the lookahead jumps, the decoder and the image scorer, :func:`collect_pools` with ``gradients=True``).
+  Why: the candidates of one pool differ only by sigma_t times noise, so the teacher's score differences are,
+  to first order, ``<grad, x_i - x_j>``. On the toy world that first-order oracle orders 93% of the teacher's
+  valid best/worst pairs correctly, while heads that embed each candidate on its own (below) reach ~57%: the
+  differences they must resolve are tiny against the features they share. The conv net runs on the b pool means,
+  not the k*b candidates.
+* ``latent``: a small trainable conv encoder per candidate; every residual block is adaLN-modulated by the
+  timestep (sinusoidal(256) -> MLP -> shift, scale, gate), as in the step-aware preference model's vision layers.
 * ``unet``: the frozen base UNet's own conv_in, time embedding, down blocks and mid block (LoRA adapters
   disabled: the reference model), with a trainable adaLN-modulated block on top (LPO-like; no new large weights,
   but the cost of half a UNet per candidate). Its checkpoint holds only the small trainable part.
 
-Training is distillation from the pixel-space preference (the teacher) with a pairwise ranking loss over each pool:
-for candidates i, j of one pool, the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to the
-teacher's ``sigmoid(s_i - s_j)``. Those are exactly the softmax probabilities whose difference SPO's threshold rule
-reads (``softmax([s_w, s_l])`` = (sigmoid(s_w - s_l), sigmoid(s_l - s_w))), so the head learns the teacher's margins,
-not only its order, and the same ``threshold`` selects pairs in head mode.
+The per-candidate encoders end in the step-aware model's tail::
+
+    F [n, W, h', w'] --pyramid average pooling (1x1, 2x2, 4x4 cells)--> p [n, cells * W]
+    y = proj(p)                       [n, D]
+    e = text_proj(mean over tokens of the cached prompt embeddings)   [b, D]   (once per prompt batch)
+    score = exp(logit_scale) * cos(y, e[prompt_index])
+
+That tail (pooling -> projection -> cosine -> scale) is :func:`score_tail`: one fused Triton launch on GPUs
+(``spo_fast.kernels.head_score``), the PyTorch reference :func:`score_tail_ref` elsewhere. The direction head's
+tail is a single batched dot product and needs no kernel of its own.
+
+The per-candidate encoders are trained with a pairwise ranking loss over each pool: for candidates i, j of one pool,
+the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to the teacher's
+``sigmoid(s_i - s_j)``. Those are exactly the softmax probabilities whose difference SPO's threshold rule reads
+(``softmax([s_w, s_l])`` = (sigmoid(s_w - s_l), sigmoid(s_l - s_w))), so the head learns the teacher's margins,
+not only its order, and the same ``threshold`` selects pairs in head mode. (The same loss on the direction head
+alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
+
+Status: on the toy world the trained direction head agrees with the teacher on 71-77% of held-out valid pairs
+(target 85%), and SPO driven by it lowers the held-out score (README, "Noisy-latent preference head").
 """
 
 from __future__ import annotations
@@ -52,6 +66,8 @@ __all__ = [
     "HeadMismatchError",
     "score_tail",
     "score_tail_ref",
+    "direction_scores",
+    "direction_distillation_loss",
     "pyramid_pool_matrix",
     "pool_ranking_loss",
     "pairwise_agreement",
@@ -63,6 +79,7 @@ __all__ = [
 ]
 
 HEAD_VERSION = 1
+ENCODERS = ("direction", "latent", "unet")
 TRAIN_HEAD_COMMAND = "python -m spo_fast.train_head --model.pretrained {pretrained} --log.output_dir {out}"
 TAIL_IMPL_ENV = "SPO_FAST_HEAD_IMPL"
 
@@ -146,6 +163,14 @@ def score_tail(
     return score_tail_ref(features, pool, weight, bias, text, text_index, logit_scale)
 
 
+def direction_scores(candidates: Tensor, direction: Tensor) -> Tensor:
+    """The direction head's tail: ``[k, b]`` scores ``<g_j, x_ij - mean_i x_ij>`` of ``candidates [k, b, C, h, w]``
+    along ``direction [b, C, h, w]``, in fp32. Centering changes no score difference (so no pair and no margin); it
+    makes the scores of a pool sum to zero. One batched dot product: nothing worth a kernel launch of its own."""
+    x = candidates.float()
+    return torch.einsum("kbchw,bchw->kb", x - x.mean(0, keepdim=True), direction.float())
+
+
 # ------------------------------------------------------------------------------------------------ modules
 
 
@@ -179,7 +204,7 @@ class AdaLNResBlock(nn.Module):
 class HeadArchConfig:
     """Architecture of a head plus the signature of the base model and scheduler it was trained for."""
 
-    encoder: str = "latent"  # latent | unet
+    encoder: str = "direction"  # direction | latent | unet
     latent_channels: int = 4
     text_dim: int = 768
     width: int = 64
@@ -191,8 +216,8 @@ class HeadArchConfig:
     base_model: str = ""
 
     def validate(self) -> None:
-        if self.encoder not in ("latent", "unet"):
-            raise ValueError(f"head encoder must be 'latent' or 'unet', got {self.encoder!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"head encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         for k in ("latent_channels", "text_dim", "width", "depth", "embed_dim"):
             if getattr(self, k) < 1:
                 raise ValueError(f"head {k} must be >= 1, got {getattr(self, k)}")
@@ -230,6 +255,16 @@ class NoisyLatentPreferenceHead(nn.Module):
             feat = int(unet.config.block_out_channels[-1])
             self.adapt = nn.Conv2d(feat, w, 1)
             self.blocks = nn.ModuleList([AdaLNResBlock(w, w) for _ in range(max(1, config.depth // 2))])
+        elif config.encoder == "direction":
+            self._unet = []
+            c = config.latent_channels
+            # Input: the pool mean and the parent's x0 estimate (both [C, h, w]); output: a latent-shaped direction.
+            self.conv_in = nn.Conv2d(2 * c, w, 3, padding=1)
+            self.blocks = nn.ModuleList([AdaLNResBlock(w, w) for _ in range(config.depth)])
+            self.conv_out = nn.Conv2d(w, c, 3, padding=1)
+            self.text_proj = nn.Sequential(nn.Linear(config.text_dim, w), nn.SiLU(), nn.Linear(w, w))
+            self._pool_cache = {}
+            return
         else:
             self._unet = []
             self.conv_in = nn.Conv2d(config.latent_channels, w, 3, padding=1)
@@ -298,6 +333,33 @@ class NoisyLatentPreferenceHead(nn.Module):
                 h = self.down[j](h)
         return h
 
+    def direction(self, mean: Tensor, parent_x0: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
+        """The direction encoder: ``g [b, C, h, w]`` from the pool mean ``[b, C, h, w]``, the parent's x0 estimate,
+        the pools' timesteps ``[b]`` and text features ``[b, width]`` (rows of :meth:`text_features`). It is trained
+        to be the teacher's gradient at the pool mean (see :func:`direction_distillation_loss`), so a candidate's
+        score is the teacher's first-order change from the mean: ``<g, x_i - mean>``."""
+        if self.config.encoder != "direction":
+            raise ValueError(f"direction() needs a 'direction' head, this one is {self.config.encoder!r}")
+        c = self.config.latent_channels
+        if mean.shape[1] != c or parent_x0.shape != mean.shape:
+            raise HeadMismatchError(
+                f"latents have {mean.shape[1]} channels (parent x0 {tuple(parent_x0.shape)}) but the head was trained "
+                f"for {c} latent channels (base model {self.config.base_model or '?'})"
+            )
+        cond = self.t_embedder(timestep_embedding(timesteps.to(mean.device))) + text
+        h = self.conv_in(torch.cat([mean.float(), parent_x0.float()], 1))
+        for blk in self.blocks:
+            h = blk(h, cond)
+        return self.conv_out(F.silu(h))
+
+    def score_pools(
+        self, candidates: Tensor, parent_x0: Tensor, timesteps: Tensor, text: Tensor, text_index: Tensor
+    ) -> Tensor:
+        """Direction head: ``[k, b]`` scores of ``candidates [k, b, C, h, w]``; ``timesteps [b]``, ``text [m, width]``,
+        ``text_index [b]``. The conv net runs on the b pool means only, not on the k*b candidates."""
+        g = self.direction(candidates.mean(0), parent_x0, timesteps, text[text_index.to(text.device)])
+        return direction_scores(candidates, g)
+
     def _pool(self, h: int, w: int, device: torch.device) -> Tensor:
         key = (h, w, str(device))
         if key not in self._pool_cache:
@@ -311,8 +373,20 @@ class NoisyLatentPreferenceHead(nn.Module):
         text: Tensor,
         text_index: Tensor,
         cond_embeds: Tensor | None = None,
+        parent_x0: Tensor | None = None,
     ) -> Tensor:
-        """Scores ``[n]`` (float32, in the teacher's logit units)."""
+        """Scores ``[n]`` (float32, in the teacher's logit units). The direction head reads the ``n = k * b``
+        candidates as pools (candidate ``r * b + j`` belongs to pool j, the sampler's layout) and needs
+        ``parent_x0 [b, C, h, w]``."""
+        if self.config.encoder == "direction":
+            if parent_x0 is None:
+                raise ValueError("the 'direction' head scores whole pools: pass parent_x0 [b, C, h, w]")
+            b = parent_x0.shape[0]
+            if latents.shape[0] % b:
+                raise ValueError(f"{latents.shape[0]} candidates do not form pools of the {b} parents")
+            k = latents.shape[0] // b
+            cand = latents.view(k, b, *latents.shape[1:])
+            return self.score_pools(cand, parent_x0, timesteps[:b], text, text_index[:b]).reshape(-1)
         feats = self.image_features(latents, timesteps, cond_embeds)
         pool = self._pool(feats.shape[2], feats.shape[3], feats.device)
         return score_tail(
@@ -367,7 +441,9 @@ class HeadScorer:
         self._text: Tensor | None = None
 
     @torch.no_grad()
-    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor) -> Tensor:
+    def __call__(
+        self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor | None = None
+    ) -> Tensor:
         embeds = cond.embeds if hasattr(cond, "embeds") else cond
         key = (embeds.data_ptr(), tuple(embeds.shape), embeds._version)
         if key != self._key:
@@ -375,7 +451,7 @@ class HeadScorer:
             self._key = key
         idx = prompt_index.to(latents.device)
         cond_embeds = embeds[idx].to(latents.device) if self.head.config.encoder == "unet" else None
-        return self.head(latents, timesteps, self._text, idx, cond_embeds)
+        return self.head(latents, timesteps, self._text, idx, cond_embeds, parent_x0=parent_x0)
 
 
 # ------------------------------------------------------------------------------------------------ losses and metrics
@@ -395,6 +471,24 @@ def pool_ranking_loss(head_scores: Tensor, teacher_scores: Tensor, valid: Tensor
     if valid is not None:
         mask = mask & valid[:, :, None] & valid[:, None, :]
     return ((loss - ent) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def direction_distillation_loss(direction: Tensor, target: Tensor, norm_weight: float = 0.1) -> Tensor:
+    """Gradient distillation for the direction head: ``1 - cos(g, g*)`` per pool plus ``norm_weight`` times the
+    squared log ratio of their norms, averaged over pools whose target is non-zero. ``g* [P, C, h, w]`` is the
+    teacher's gradient at the pool mean. Why the gradient and not only the ranks: the pools' score differences are
+    tiny projections of it onto the candidates' noise, so a ranking loss alone carries almost no signal (a head
+    trained that way stayed at chance on the toy world), while one gradient gives the whole latent-shaped answer;
+    the cosine term sets the order of the candidates, the norm term the size of the margins (so SPO's threshold
+    means the same)."""
+    g, t = direction.float().flatten(1), target.float().flatten(1)
+    tn = t.norm(dim=1)
+    ok = tn > 0
+    if not bool(ok.any()):
+        return direction.sum() * 0.0
+    cos = F.cosine_similarity(g[ok], t[ok], dim=1)
+    lognorm = torch.log(g[ok].norm(dim=1) + 1e-12) - torch.log(tn[ok])
+    return (1 - cos).mean() + norm_weight * (lognorm**2).mean()
 
 
 def pairwise_agreement(head_scores: Tensor, teacher_scores: Tensor, threshold: float = 0.3) -> dict[str, Tensor]:
@@ -485,19 +579,30 @@ def load_head(
 class PoolRecord:
     """Distillation data: ``latents [P, k, C, h, w]`` (the noisy candidates the sampler scored), ``timesteps [P]``
     (their score timestep; 0 for the final x_0), ``prompt [P]`` (index into ``prompts``), ``scores [P, k]`` (the
-    teacher's), and the prompt list."""
+    teacher's), the prompt list, and for the direction head ``parent_x0 [P, C, h, w]`` (the x0 estimate of the
+    pool's parent) and ``grad [P, C, h, w]`` (the teacher's gradient at the pool mean)."""
 
     latents: Tensor
     timesteps: Tensor
     prompt: Tensor
     scores: Tensor
     prompts: list[str]
+    parent_x0: Tensor | None = None
+    grad: Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("latents", "timesteps", "prompt", "scores", "prompts")}
+        keys = ("latents", "timesteps", "prompt", "scores", "prompts", "parent_x0", "grad")
+        return {k: getattr(self, k) for k in keys}
+
+    def subset(self, idx: Tensor | slice) -> PoolRecord:
+        """The pools ``idx`` (same prompt list)."""
+        opt = {k: (None if getattr(self, k) is None else getattr(self, k)[idx]) for k in ("parent_x0", "grad")}
+        return PoolRecord(
+            self.latents[idx], self.timesteps[idx], self.prompt[idx], self.scores[idx], self.prompts, **opt
+        )
 
     @staticmethod
     def cat(items: Sequence[PoolRecord]) -> PoolRecord:
@@ -508,53 +613,31 @@ class PoolRecord:
             m = torch.tensor([index.setdefault(p, len(index)) for p in it.prompts], dtype=torch.long)
             remapped.append(m[it.prompt] if len(it.prompts) else it.prompt)
         prompts = list(index)
+        opt = {
+            k: torch.cat([getattr(i, k) for i in items]) if all(getattr(i, k) is not None for i in items) else None
+            for k in ("parent_x0", "grad")
+        }
         return PoolRecord(
             torch.cat([i.latents for i in items]),
             torch.cat([i.timesteps for i in items]),
             torch.cat(remapped),
             torch.cat([i.scores for i in items]),
             prompts,
+            **opt,
         )
 
 
-class _RecordingDenoiser:
-    """Remembers the latest call's input: the sampler's scored step passes the k*b candidates through the denoiser
-    right before scoring their predicted x0, so the scorer can record the noisy latents themselves."""
+class _PoolTeacher:
+    """The pixel-space teacher as the sampler's scorer: decode the x0 estimate, score the image."""
 
-    def __init__(self, denoiser: Any) -> None:
-        self.denoiser = denoiser
-        self.last: tuple[Tensor, Tensor] | None = None
-
-    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
-        self.last = (latents, timesteps)
-        return self.denoiser(latents, timesteps, cond)
-
-
-class _RecordingTeacher:
-    """The pixel-space teacher (decode x0 + image scorer) that also stores each pool for distillation."""
-
-    def __init__(self, components: Any, image_scorer: Any, denoiser: _RecordingDenoiser, k: int) -> None:
-        self.components, self.image_scorer, self.denoiser, self.k = components, image_scorer, denoiser, k
+    def __init__(self, components: Any, image_scorer: Any) -> None:
+        self.components, self.image_scorer = components, image_scorer
         self.prompts: list[str] = []
-        self.prompt_ids: Tensor = torch.empty(0, dtype=torch.long)
-        self.records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     @torch.no_grad()
     def __call__(self, x0: Tensor, timesteps: Tensor, prompt_index: Tensor) -> Tensor:
         images = self.components.decode(x0).float()
-        scores = self.image_scorer(images, timesteps, [self.prompts[i] for i in prompt_index.tolist()]).float()
-        t = int(timesteps[0])
-        if t == 0:
-            noisy = x0  # the final step scores x_0 itself
-        else:
-            assert self.denoiser.last is not None and self.denoiser.last[0].shape == x0.shape
-            noisy = self.denoiser.last[0]
-        k, b = self.k, x0.shape[0] // self.k
-        # Candidate r * b + j belongs to prompt j: pools are the columns of the [k, b] view.
-        lat = noisy.detach().float().cpu().view(k, b, *x0.shape[1:]).transpose(0, 1)
-        sc = scores.cpu().view(k, b).t()
-        self.records.append((lat, torch.full((b,), t), self.prompt_ids.clone(), sc))
-        return scores
+        return self.image_scorer(images, timesteps, [self.prompts[i] for i in prompt_index.tolist()]).float()
 
 
 @torch.no_grad()
@@ -570,19 +653,39 @@ def collect_pools(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    gradients: bool = False,
 ) -> PoolRecord:
     """Sample SPO pools with the base model and the pixel-space teacher and record every scored pool.
 
     ``encoder`` is a :class:`~spo_fast.pipeline.PromptEncoder`; ``image_scorer(images, timesteps, prompts)`` the
-    teacher (the toy world: :class:`~spo_fast.toy.ToyImageScorer`). Prompts are drawn uniformly with ``seed``."""
+    teacher (the toy world: :class:`~spo_fast.toy.ToyImageScorer`). Prompts are drawn uniformly with ``seed``.
+    ``gradients=True`` also records each pool's parent x0 and the teacher's gradient at the pool mean (through the
+    same x0 estimate the scorer judges: the lookahead jumps, the decoder, the teacher): the direction head's target.
+    It costs one backward pass per pool (b rows, not k*b)."""
     from .pipeline import CFGDenoiser
     from .sampler import PoolSampler
 
     prompts = list(prompts)
     uncond = encoder([""])
-    den = _RecordingDenoiser(CFGDenoiser(components.unet, uncond, guidance_scale))
-    teacher = _RecordingTeacher(components, image_scorer, den, sampler_config.num_candidates)
-    sampler = PoolSampler(den, components.scheduler, teacher, sampler_config)
+    den = CFGDenoiser(components.unet, uncond, guidance_scale)
+    teacher = _PoolTeacher(components, image_scorer)
+    records: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    ids = torch.empty(0, dtype=torch.long)
+
+    grad_fn = _differentiable(image_scorer) if gradients else None
+    cond: Any = None
+
+    def observe(candidates: Tensor, t: int, scores: Tensor, parent_x0: Tensor) -> None:
+        # Candidate r * b + j belongs to prompt j: pools are the columns of the [k, b] view.
+        b = candidates.shape[1]
+        lat = candidates.detach().float().cpu().transpose(0, 1).contiguous()
+        rec = [lat, torch.full((b,), int(t)), ids.clone(), scores.detach().float().cpu().t().contiguous()]
+        if grad_fn is not None:
+            g = _teacher_gradient(sampler, components, grad_fn, candidates.mean(0), int(t), cond, teacher.prompts)
+            rec += [parent_x0.detach().float().cpu(), g.float().cpu()]
+        records.append(tuple(rec))
+
+    sampler = PoolSampler(den, components.scheduler, teacher, sampler_config, observer=observe)
     g = torch.Generator().manual_seed(seed)
     it = range(passes)
     if progress:
@@ -592,12 +695,45 @@ def collect_pools(
     for p in it:
         ids = torch.randint(0, len(prompts), (batch_size,), generator=g)
         batch = [prompts[i] for i in ids.tolist()]
-        teacher.prompts, teacher.prompt_ids = batch, ids
+        teacher.prompts = batch
         gen = torch.Generator(device=device).manual_seed(seed * 100003 + p)
         lat = torch.randn((batch_size, *components.latent_shape), generator=gen, device=device)
-        sampler.sample(encoder(batch), lat * components.scheduler.init_noise_sigma, gen, pass_index=p, seed=seed)
-    lat, ts, pr, sc = (torch.cat(x) for x in zip(*teacher.records))
-    return PoolRecord(lat, ts, pr, sc, prompts)
+        cond = encoder(batch)
+        sampler.sample(cond, lat * components.scheduler.init_noise_sigma, gen, pass_index=p, seed=seed)
+    cols = [torch.cat(x) for x in zip(*records)]
+    return PoolRecord(*cols[:4], prompts, *cols[4:])
+
+
+def _differentiable(image_scorer: Any) -> Any:
+    """``f(images, timesteps, prompts)`` with autograd to the images, or a clear error."""
+    fn = getattr(image_scorer, "differentiable_score", None)
+    if fn is not None:
+        return fn
+    if isinstance(image_scorer, nn.Module):  # the step-aware model: plain modules (text features are cached)
+        return image_scorer
+    raise TypeError(
+        f"the direction head distils the teacher's gradient, but {type(image_scorer).__name__} is not differentiable: "
+        "give it a differentiable_score(images, timesteps, prompts) method or use --model.encoder latent"
+    )
+
+
+def _teacher_gradient(
+    sampler: Any, components: Any, grad_fn: Any, mean: Tensor, t: int, cond: Any, prompts: list[str]
+) -> Tensor:
+    """The teacher's gradient ``[b, C, h, w]`` at the pool means: through the x0 estimate the scorer judges (the
+    sampler's lookahead jumps; the final step's x_0 is judged as it is), the decoder and the image scorer."""
+    b = mean.shape[0]
+    with torch.enable_grad():
+        x = mean.detach().clone().requires_grad_(True)
+        if t > 0:
+            ts = torch.full((b,), t, dtype=torch.long, device=x.device)
+            x0, _ = sampler._lookahead_x0(x, sampler.denoiser(x, ts, cond), t, cond)
+        else:
+            x0 = x
+        images = components.decode(x0).float()
+        score = grad_fn(images, torch.full((b,), t, device=x.device), prompts)
+        (g,) = torch.autograd.grad(score.float().sum(), x)
+    return g.detach()
 
 
 def timestep_buckets(timesteps: Tensor, edges: Sequence[int] = (0, 250, 500, 750, 1000)) -> list[str]:
@@ -627,7 +763,15 @@ def head_scores_for(
     text = head.text_features(text_embeds.to(dev))
     out = []
     k = data.latents.shape[1]
+    if head.config.encoder == "direction" and data.parent_x0 is None:
+        raise ValueError("these pools have no parent_x0: record them with collect_pools(gradients=True)")
     for s in range(0, len(data), batch_pools):
+        if head.config.encoder == "direction":
+            cand = data.latents[s : s + batch_pools].to(dev).transpose(0, 1)
+            sl = slice(s, s + batch_pools)
+            px, ts, pi = data.parent_x0[sl].to(dev), data.timesteps[sl].to(dev), data.prompt[sl].to(dev)
+            out.append(head.score_pools(cand, px, ts, text, pi).t().cpu())
+            continue
         lat = data.latents[s : s + batch_pools].to(dev)
         n = lat.shape[0]
         idx = data.prompt[s : s + batch_pools].to(dev).repeat_interleave(k)
@@ -660,6 +804,18 @@ def evaluate_agreement(
         }
 
     out: dict[str, Any] = {"overall": summary(torch.ones(len(data), dtype=torch.bool)), "buckets": {}}
+    if head.config.encoder == "direction" and data.grad is not None:
+        # How well the direction matches the teacher's gradient (1 = the first-order oracle).
+        hs_text = head.text_features(text_embeds.to(next(head.parameters()).device))
+        with torch.no_grad():
+            cos = []
+            for s in range(0, len(data), 256):
+                sub = data.subset(slice(s, s + 256))
+                dev = hs_text.device
+                g = head.direction(sub.latents.to(dev).mean(1), sub.parent_x0.to(dev), sub.timesteps.to(dev),
+                                   hs_text[sub.prompt.to(dev)])  # fmt: skip
+                cos.append(F.cosine_similarity(g.flatten(1).cpu(), sub.grad.flatten(1).float(), dim=1))
+        out["overall"]["grad_cosine"] = float(torch.cat(cos).mean())
     for name in sorted(set(buckets), key=lambda s: (s != "t=0", s)):
         out["buckets"][name] = summary(torch.tensor([b == name for b in buckets]))
     return out

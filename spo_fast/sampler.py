@@ -17,9 +17,11 @@ The sampler knows the model only through ``denoiser(latents, timesteps, cond) ->
 scheduler, and ``scorer(x0, timesteps, prompt_index) -> scores``; it never loops over prompts or candidates.
 
 Head mode (``head=``, a noisy-latent preference head, :mod:`spo_fast.head`): each scored step scores the k*b noisy
-candidates x_t directly with ``head(latents, timesteps, cond, prompt_index) -> scores`` at their timestep, selects
-with the same threshold rule, and runs the denoiser only on the b continuations (no x0 prediction, no decode, no
-image scorer). Pairs, ledger records and the continuation draws have the same form as in the teacher mode.
+candidates x_t directly with ``head(latents, timesteps, cond, prompt_index, parent_x0=) -> scores`` at their
+timestep (``parent_x0 [b, C, h, w]``: the x0 estimate of the pool's parent, free from the UNet call that made the
+pool's mean; the direction head reads it), selects with the same threshold rule, and runs the denoiser only on the
+b continuations (no x0 prediction, no decode, no image scorer). Pairs, ledger records and the continuation draws
+have the same form as in the teacher mode.
 """
 
 from __future__ import annotations
@@ -151,9 +153,11 @@ class PoolSampler:
         scorer: Scorer | None,
         config: PoolSamplerConfig,
         head: LatentScorer | None = None,
+        observer: Callable[[Tensor, int, Tensor, Tensor], None] | None = None,
     ) -> None:
         """``head``: score noisy candidates with a noisy-latent preference head instead of ``scorer`` (which may
-        then be None); see the module docstring."""
+        then be None); see the module docstring. ``observer(candidates [k, b, C, h, w], score_timestep, scores [k, b],
+        parent_x0 [b, C, h, w])`` is called after every scored step (the head distillation records pools with it)."""
         config.validate()
         if scorer is None and head is None:
             raise ValueError("PoolSampler needs a scorer (decoded x0) or a head (noisy latents)")
@@ -161,6 +165,7 @@ class PoolSampler:
         self.scheduler = scheduler
         self.scorer = scorer
         self.head = head
+        self.observer = observer
         self.config = config
         scheduler.set_timesteps(config.num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
@@ -234,11 +239,17 @@ class PoolSampler:
                 pred_all, x0 = None, flat
                 score_t = self.timesteps[i_next] if i_next < n_steps else 0
             score_ts = torch.full((k * b,), score_t, dtype=torch.long, device=dev)
+            parent_x0 = None
+            if self.head is not None or self.observer is not None:
+                # The parent's x0 estimate: elementwise from the UNet output the pool's mean was made with.
+                parent_x0 = predict_x0_eps(self._coeffs(i, b, dev), pred_parent, x)[0].to(x.dtype)
             if self.head is not None:
-                scores = self.head(flat, score_ts, cond, cols.repeat(k))
+                scores = self.head(flat, score_ts, cond, cols.repeat(k), parent_x0=parent_x0)
             else:
                 scores = self.scorer(x0, score_ts, cols.repeat(k))
             scores = scores.reshape(k, b).float()
+            if self.observer is not None:
+                self.observer(cur, score_t, scores, parent_x0)
             sel = ledger.select_and_record(i, self.timesteps[i], scores, cfg.threshold, parent_choice, seed=seed)
             nxt = sel.next_index.to(dev)
             x = cur[nxt, cols]

@@ -2,14 +2,16 @@
 head (:mod:`spo_fast.head`).
 
     python -m spo_fast.train_head                                   # the toy world: ToyImageScorer teacher, CPU
-    python -m spo_fast.train_head --model.encoder unet --log.output_dir outputs/head_unet
+    python -m spo_fast.train_head --model.encoder latent --log.output_dir outputs/head_latent
     python -m spo_fast.train_head --model.pretrained runwayml/stable-diffusion-v1-5 --teacher.kind step_aware \\
         --teacher.checkpoint sd-v1-5_step_aware.bin --data.prompts 4k_training_prompts.json --model.downsample 2
     python -m spo_fast.train_head --resume                          # continue an interrupted run
 
 Stages, each resumable: (1) sample SPO pools with the base model and the teacher on the training prompts and on
-held-out prompts, recording candidates, timesteps, prompts and teacher scores (``data_train.pt``,
-``data_eval.pt``); (2) train the head with the pairwise ranking loss over each pool (``checkpoint.pt`` every
+held-out prompts, recording candidates, timesteps, prompts and teacher scores, and for the direction head the
+parent's x0 and the teacher's gradient at the pool mean (``data_train.pt``, ``data_eval.pt``); (2) train the head
+(direction: gradient distillation, see :func:`spo_fast.head.direction_distillation_loss`; latent/unet: the pairwise
+ranking loss over each pool) (``checkpoint.pt`` every
 ``log.checkpoint_every`` steps, written atomically); (3) evaluate held-out pairwise agreement per timestep bucket
 and write ``head.pt``, ``report.json`` and ``report.png``. Settings: config file < ``--section.key value``.
 """
@@ -42,9 +44,13 @@ class HeadModelConfig:
     pretrained: str = _f("toy", "base diffusers pipeline (folder or hub id); 'toy' = the built-in toy base model")
     kind: str = _f("auto", "auto | sd15 | sdxl")
     dtype: str = _f("fp32", "weights dtype of the frozen base model")
-    encoder: str = _f("latent", "latent (small trainable conv encoder) | unet (frozen base UNet encoder + block)")
-    width: int = _f(64, "channels of the head's feature map")
-    depth: int = _f(4, "adaLN residual blocks (the unet encoder uses depth // 2 on top of the UNet features)")
+    encoder: str = _f(
+        "direction",
+        "direction (pool-level teacher-gradient head, runs on b pool means) | latent (small conv encoder per "
+        "candidate) | unet (frozen base UNet encoder + block per candidate)",
+    )
+    width: int = _f(32, "channels of the head's feature map")
+    depth: int = _f(3, "adaLN residual blocks (the unet encoder uses depth // 2 on top of the UNet features)")
     downsample: int = _f(0, "stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2)")
     embed_dim: int = _f(128, "joint image/text embedding width")
     levels: list = _f([1, 2, 4], "pyramid pooling grid sizes of the tail")
@@ -63,7 +69,7 @@ class HeadDataConfig:
     prompts: str = _f("toy", "training prompts: a file or 'toy' (toy train split)")
     eval_prompts: str = _f("toy", "held-out prompts: a file or 'toy' (toy held-out split)")
     column: str = _f("", "prompt column of json/csv/parquet files")
-    train_passes: int = _f(24, "sampling passes on training prompts (pools = passes * batch * scored steps)")
+    train_passes: int = _f(48, "sampling passes on training prompts (pools = passes * batch * scored steps)")
     eval_passes: int = _f(6, "sampling passes on held-out prompts")
     batch_size: int = _f(8, "prompts per sampling pass")
 
@@ -75,15 +81,23 @@ class HeadSamplingConfig:
     guidance_scale: float = _f(5.0, "CFG scale while sampling pools")
     num_candidates: int = _f(4, "k: candidates per pool")
     divert_step: int = _f(4, "first branching step")
-    threshold: float = _f(0.3, "SPO pair threshold (agreement is reported on pairs the teacher calls valid)")
+    threshold: float = _f(
+        0.05,
+        "SPO pair threshold (agreement is reported on pairs the teacher calls valid); "
+        "use the trainer's: toy 0.05, sd15/sdxl 0.3",
+    )
+    lookahead_steps: int = _f(
+        2, "deterministic DDIM jumps of the teacher's x0 estimate (as sampling.lookahead_steps of the trainer; toy 2)"
+    )
 
 
 @dataclass
 class HeadOptimConfig:
-    steps: int = _f(1500, "optimizer steps")
+    steps: int = _f(2000, "optimizer steps")
     batch_pools: int = _f(64, "pools per step")
     lr: float = _f(2e-3, "AdamW learning rate (cosine decay to 5%)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
+    rank_weight: float = _f(0.0, "direction head: weight of the pool ranking loss added to gradient distillation")
     seed: int = _f(0, "seed of sampling, initialisation and batches")
     device: str = _f("auto", "auto | cpu | cuda")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
@@ -160,7 +174,9 @@ class HeadDistiller:
 
         self.cfg = cfg
         s = cfg.sampling
-        self.sampler_config = PoolSamplerConfig(s.num_steps, s.num_candidates, s.divert_step, 0, s.threshold, s.eta)
+        self.sampler_config = PoolSamplerConfig(
+            s.num_steps, s.num_candidates, s.divert_step, 0, s.threshold, s.eta, lookahead_steps=s.lookahead_steps
+        )
         self.sampler_config.validate()
         if cfg.teacher.kind not in ("toy", "step_aware"):
             raise ValueError(f"teacher.kind must be toy or step_aware, got {cfg.teacher.kind!r}")
@@ -272,6 +288,7 @@ class HeadDistiller:
         path = self.out / f"data_{split}.pt"
         if path.is_file():
             return PoolRecord(**torch.load(path, map_location="cpu", weights_only=False))
+        direction = self.cfg.model.encoder == "direction"
         cfg = self.cfg
         prompts = self.train_prompts if split == "train" else self.eval_prompts
         passes = cfg.data.train_passes if split == "train" else cfg.data.eval_passes
@@ -279,7 +296,7 @@ class HeadDistiller:
         rec = collect_pools(
             self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
             self.sampler_config, cfg.sampling.guidance_scale, seed=cfg.train.seed + (0 if split == "train" else 7919),
-            device=self.device, progress=cfg.log.progress,
+            device=self.device, progress=cfg.log.progress, gradients=direction,
         )  # fmt: skip
         logger.info("recorded %d %s pools in %.1f s", len(rec), split, time.perf_counter() - t0)
         atomic_save(rec.state_dict(), path)
@@ -306,12 +323,15 @@ class HeadDistiller:
     def train(self, data: Any, eval_data: Any) -> None:
         from tqdm.auto import tqdm
 
-        from .head import pool_ranking_loss
+        from .head import direction_distillation_loss, direction_scores, pool_ranking_loss
 
         cfg = self.cfg.train
         k = data.latents.shape[1]
         embeds = self._embeds(data.prompts).to(self.device)
         enc_unet = self.head.config.encoder == "unet"
+        direction = self.head.config.encoder == "direction"
+        if direction and data.grad is None:
+            raise ValueError(f"{self.out}/data_train.pt has no teacher gradients: record it again for a direction head")
         self.head.train()
         bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="head",
                    disable=not self.cfg.log.progress)  # fmt: skip
@@ -319,12 +339,21 @@ class HeadDistiller:
             # Batches keyed by (seed, step): a resumed run draws exactly the batches the uninterrupted one would.
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(0, len(data), (cfg.batch_pools,), generator=g)
-            lat = data.latents[idx].to(self.device).flatten(0, 1)
-            pidx = data.prompt[idx].to(self.device).repeat_interleave(k)
-            ts = data.timesteps[idx].to(self.device).repeat_interleave(k)
             text = self.head.text_features(embeds)
-            scores = self.head(lat, ts, text, pidx, embeds[pidx] if enc_unet else None).view(-1, k)
-            loss = pool_ranking_loss(scores, data.scores[idx].to(self.device))
+            if direction:
+                cand = data.latents[idx].to(self.device).transpose(0, 1)
+                pi, ts = data.prompt[idx].to(self.device), data.timesteps[idx].to(self.device)
+                gdir = self.head.direction(cand.mean(0), data.parent_x0[idx].to(self.device), ts, text[pi])
+                loss = direction_distillation_loss(gdir, data.grad[idx].to(self.device))
+                if cfg.rank_weight:
+                    scores = direction_scores(cand, gdir).t()
+                    loss = loss + cfg.rank_weight * pool_ranking_loss(scores, data.scores[idx].to(self.device))
+            else:
+                lat = data.latents[idx].to(self.device).flatten(0, 1)
+                pidx = data.prompt[idx].to(self.device).repeat_interleave(k)
+                ts = data.timesteps[idx].to(self.device).repeat_interleave(k)
+                scores = self.head(lat, ts, text, pidx, embeds[pidx] if enc_unet else None).view(-1, k)
+                loss = pool_ranking_loss(scores, data.scores[idx].to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
@@ -357,7 +386,7 @@ class HeadDistiller:
         self.train(data, eval_data)
         t_train = time.perf_counter() - t1
         result = self.evaluate(eval_data)
-        train_fit = self.evaluate(PoolRecordSubset.first(data, len(eval_data)))
+        train_fit = self.evaluate(data.subset(slice(0, min(len(data), len(eval_data)))))
         head_path = save_head(self.head, self.out / "head.pt", {"agreement": result})
         n_params = sum(p.numel() for p in self.head.parameters())
         report = {
@@ -380,15 +409,6 @@ class HeadDistiller:
         return report
 
 
-class PoolRecordSubset:
-    @staticmethod
-    def first(data: Any, n: int) -> Any:
-        from .head import PoolRecord
-
-        n = min(n, len(data))
-        return PoolRecord(data.latents[:n], data.timesteps[:n], data.prompt[:n], data.scores[:n], data.prompts)
-
-
 def write_head_report(report: dict[str, Any], path: Path) -> Path:
     """Loss curve and held-out agreement per timestep bucket (matplotlib, headless)."""
     import matplotlib
@@ -399,7 +419,7 @@ def write_head_report(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     h = report["history"]
     ax[0].plot([r["step"] for r in h], [r["loss"] for r in h], lw=0.8)
-    ax[0].set(title="pool ranking loss (0 = teacher's pair probabilities)", xlabel="step", yscale="log")
+    ax[0].set(title=f"training loss ({report['encoder']} head)", xlabel="step", yscale="log")
     b = report["heldout"]["buckets"]
     names = list(b)
     vals = [b[n]["agree_valid"] or 0.0 for n in names]

@@ -1,4 +1,5 @@
-"""The noisy-latent preference head: ranking loss, checkpoints, mismatch errors, and the sampler's head mode."""
+"""The noisy-latent preference head: ranking loss, the direction head (tail, gradient distillation, teacher gradients
+against finite differences), checkpoints, mismatch errors, the sampler's head mode and the train_head CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from spo_fast.head import (
     HeadMismatchError,
     HeadScorer,
     NoisyLatentPreferenceHead,
+    PoolRecord,
+    direction_distillation_loss,
+    direction_scores,
     load_head,
     pairwise_agreement,
     pool_ranking_loss,
@@ -28,7 +32,7 @@ def _sched(**kw):
 
 
 def _head(encoder="latent", **kw):
-    cfg = HeadArchConfig(encoder="latent", latent_channels=2, text_dim=6, width=8, depth=2, embed_dim=8,
+    cfg = HeadArchConfig(encoder=encoder, latent_channels=2, text_dim=6, width=8, depth=2, embed_dim=8,
                          levels=[1, 2], scheduler=scheduler_signature(_sched()), base_model="tiny", **kw)  # fmt: skip
     torch.manual_seed(0)
     return NoisyLatentPreferenceHead(cfg)
@@ -107,10 +111,11 @@ class CountingDenoiser:
         return 0.3 * x + cond.embeds.mean((1, 2)).view(-1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("encoder", ["direction", "latent"])
 @pytest.mark.parametrize("inner", [0, 1])
-def test_sampler_head_mode(inner):
+def test_sampler_head_mode(inner, encoder):
     b, k, n, div = 3, 4, 8, 2
-    head = HeadScorer(_head())
+    head = HeadScorer(_head(encoder))
     den = CountingDenoiser()
     cfg = PoolSamplerConfig(num_steps=n, num_candidates=k, divert_step=div, inner_steps=inner, threshold=0.0)
     sampler = PoolSampler(den, _sched(), None, cfg, head=head)
@@ -137,3 +142,169 @@ def test_sampler_head_mode(inner):
 def test_sampler_needs_a_scorer_or_head():
     with pytest.raises(ValueError, match="scorer .* or a head"):
         PoolSampler(CountingDenoiser(), _sched(), None, PoolSamplerConfig(num_steps=4, divert_step=1))
+
+
+# ------------------------------------------------------------------------------------------------ direction head
+
+
+def test_direction_scores_are_the_first_order_change_from_the_pool_mean():
+    g = torch.Generator().manual_seed(0)
+    k, b = 5, 3
+    cand, d = torch.randn(k, b, 2, 3, 3, generator=g), torch.randn(b, 2, 3, 3, generator=g)
+    s = direction_scores(cand, d)
+    ref = torch.stack([torch.stack([((cand[i, j] - cand[:, j].mean(0)) * d[j]).sum() for j in range(b)])
+                       for i in range(k)])  # fmt: skip
+    torch.testing.assert_close(s, ref)
+    # differences are <g, x_i - x_j> whatever the centering; the scores of a pool sum to zero
+    torch.testing.assert_close(s[1] - s[0], ((cand[1] - cand[0]) * d).sum((1, 2, 3)))
+    torch.testing.assert_close(s.sum(0), torch.zeros(b), atol=1e-5, rtol=0)
+
+
+def test_direction_head_forward_reads_the_samplers_pool_layout():
+    head = _head("direction")
+    g = torch.Generator().manual_seed(1)
+    k, b = 4, 3
+    cand, px = torch.randn(k, b, 2, 4, 4, generator=g), torch.randn(b, 2, 4, 4, generator=g)
+    t, text = torch.tensor([700, 300, 10]), head.text_features(torch.randn(2, 5, 6, generator=g))
+    pidx = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        pools = head.score_pools(cand, px, t, text, pidx)  # [k, b]
+        flat = head(cand.flatten(0, 1), t.repeat(k), text, pidx.repeat(k), parent_x0=px)  # row r * b + j
+        # each pool is scored on its own: permuting the prompts permutes the scores
+        perm = torch.tensor([2, 0, 1])
+        permuted = head.score_pools(cand[:, perm], px[perm], t[perm], text, pidx[perm])
+    torch.testing.assert_close(flat, pools.reshape(-1))
+    torch.testing.assert_close(permuted, pools[:, perm])
+    with pytest.raises(ValueError, match="parent_x0"):
+        head(cand.flatten(0, 1), t.repeat(k), text, pidx.repeat(k))
+    with pytest.raises(HeadMismatchError, match="trained for 2 latent channels"):
+        head.score_pools(torch.randn(k, b, 3, 4, 4), torch.randn(b, 3, 4, 4), t, text, pidx)
+
+
+def test_direction_distillation_loss_properties_and_fit():
+    g = torch.Generator().manual_seed(2)
+    target = torch.randn(6, 2, 4, 4, generator=g)
+    target[3] = 0  # a pool without gradient (a flat teacher) is ignored
+    assert direction_distillation_loss(target, target) < 1e-6
+    assert abs(direction_distillation_loss(-target, target).item() - 2.0) < 1e-5  # opposite direction: 1 - cos = 2
+    # same direction, wrong size: only the norm term, 0.1 * log(2)^2
+    assert abs(direction_distillation_loss(2 * target, target).item() - 0.1 * torch.log(torch.tensor(2.0)) ** 2) < 1e-5
+    # the head learns a direction that is a function of its inputs (here: the parent's x0, sign set by the timestep)
+    head = _head("direction")
+    k = 3
+    cand, px = torch.randn(k, 6, 2, 4, 4, generator=g), torch.randn(6, 2, 4, 4, generator=g)
+    t = torch.tensor([900, 100, 900, 100, 900, 100])
+    want = px * torch.where(t > 500, 1.0, -1.0).view(-1, 1, 1, 1)
+    embeds = torch.randn(2, 5, 6, generator=g)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        d = head.direction(cand.mean(0), px, t, head.text_features(embeds)[torch.tensor([0, 1] * 3)])
+        loss = direction_distillation_loss(d, want)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_direction_head_checkpoint_round_trip(tmp_path):
+    head = _head("direction")
+    loaded = load_head(save_head(head, tmp_path / "head.pt"))
+    g = torch.Generator().manual_seed(3)
+    cand, px = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    e, t, i = torch.randn(3, 5, 6, generator=g), torch.tensor([5, 50, 500]), torch.arange(3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            head.score_pools(cand, px, t, head.text_features(e), i),
+            loaded.score_pools(cand, px, t, loaded.text_features(e), i),
+        )
+
+
+def _toy():
+    from spo_fast.pipeline import PromptEncoder, load_components
+    from spo_fast.toy import toy_model_path
+
+    comps = load_components(str(toy_model_path()), None, torch.float32, device="cpu")
+    return comps, PromptEncoder(comps, device="cpu")
+
+
+def test_teacher_gradient_matches_finite_differences():
+    """The direction head's target: the teacher's gradient at the pool mean, through the lookahead jumps, the
+    decoder and the (differentiable) toy scorer, checked against central differences along random directions."""
+    from spo_fast.head import _teacher_gradient
+    from spo_fast.pipeline import CFGDenoiser
+    from spo_fast.toy import ToyImageScorer, prompt_splits
+
+    torch.manual_seed(0)
+    comps, enc = _toy()
+    prompts = list(prompt_splits()[0][:2])
+    cond = enc(prompts)
+    den = CFGDenoiser(comps.unet, enc([""]), 5.0)
+    cfg = PoolSamplerConfig(num_steps=10, num_candidates=2, divert_step=2, threshold=0.0, lookahead_steps=2)
+    teacher = ToyImageScorer()
+    sampler = PoolSampler(den, comps.scheduler, teacher, cfg)
+    t = sampler.timesteps[5]
+    mean = torch.randn(2, *comps.latent_shape, generator=torch.Generator().manual_seed(4)) * 0.8
+    grad = _teacher_gradient(sampler, comps, teacher.differentiable_score, mean, t, cond, prompts)
+
+    def f(x):
+        with torch.no_grad():
+            ts = torch.full((2,), t)
+            x0, _ = sampler._lookahead_x0(x, den(x, ts, cond), t, cond)
+            return teacher(comps.decode(x0).float(), ts, prompts).double()
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        v = torch.randn(mean.shape, generator=g)
+        v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        h = 2e-2
+        fd = (f(mean + h * v) - f(mean - h * v)) / (2 * h)
+        an = (grad * v).sum((1, 2, 3)).double()
+        torch.testing.assert_close(an, fd, rtol=0.1, atol=2e-3)
+    # at t = 0 the final x_0 is judged as it is
+    g0 = _teacher_gradient(sampler, comps, teacher.differentiable_score, mean, 0, cond, prompts)
+    assert g0.shape == mean.shape and torch.isfinite(g0).all()
+
+
+def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher():
+    from spo_fast.head import collect_pools
+    from spo_fast.toy import ToyImageScorer, prompt_splits
+
+    comps, enc = _toy()
+    prompts = list(prompt_splits()[0][:4])
+    cfg = PoolSamplerConfig(num_steps=6, num_candidates=3, divert_step=2, threshold=0.05, lookahead_steps=2)
+    rec = collect_pools(comps, enc, ToyImageScorer(), prompts, 1, 2, cfg, 5.0, seed=0, gradients=True)
+    steps = 6 - 2
+    assert len(rec) == 2 * steps and rec.latents.shape[1] == 3
+    assert rec.parent_x0.shape == rec.grad.shape == (len(rec), *comps.latent_shape)
+    assert rec.timesteps[-2:].tolist() == [0, 0] and torch.isfinite(rec.grad).all()
+    both = PoolRecord.cat([rec, rec.subset(slice(0, 3))])
+    assert len(both) == len(rec) + 3 and both.grad.shape[0] == len(both)
+    with pytest.raises(TypeError, match="not differentiable.*--model.encoder latent"):
+        collect_pools(comps, enc, lambda im, t, p: im.mean((1, 2, 3)), prompts, 1, 2, cfg, gradients=True)
+
+
+def test_train_head_cli_direction_run_and_resume(tmp_path):
+    """A tiny end-to-end distillation: data with teacher gradients, training, held-out report, head.pt that the
+    sampler's HeadScorer loads; --resume on a finished run reuses the recorded data."""
+    import json
+
+    from spo_fast.train_head import main
+
+    out = tmp_path / "head"
+    args = ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
+            "--data.eval_passes", "1", "--data.batch_size", "2", "--sampling.num_steps", "6",
+            "--sampling.divert_step", "2", "--train.steps", "12", "--train.batch_pools", "4",
+            "--log.eval_every", "6", "--log.checkpoint_every", "6"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["encoder"] == "direction" and report["steps"] == 12
+    assert -1.0 <= report["heldout"]["overall"]["grad_cosine"] <= 1.0
+    assert (out / "report.png").is_file() and (out / "data_train.pt").is_file()
+    head = load_head(out / "head.pt")
+    assert head.config.encoder == "direction"
+    data_mtime = (out / "data_train.pt").stat().st_mtime_ns
+    assert main([*args, "--resume"]) == 0
+    assert (out / "data_train.pt").stat().st_mtime_ns == data_mtime
+    assert main(args) == 2  # the same run again without --resume: a clear error, nothing overwritten

@@ -77,12 +77,15 @@ def _check_images(images: torch.Tensor, n_prompts: int) -> None:
             )
 
 
-def score_components(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The score and its parts (``layout``, ``crispness``), each a float32 Tensor[n]. See the module docstring."""
+def score_components(
+    images: torch.Tensor, prompts: Sequence[str], differentiable: bool = False
+) -> dict[str, torch.Tensor]:
+    """The score and its parts (``layout``, ``crispness``), each a float32 Tensor[n]. See the module docstring.
+    ``differentiable=True`` keeps the graph to ``images`` (the direction head distils the score's gradient)."""
     prompts = list(prompts)
     _check_images(images, len(prompts))
     n, _, h, w = images.shape
-    x = images.detach().float().clamp(-1, 1)
+    x = (images if differentiable else images.detach()).float().clamp(-1, 1)
     attrs = [parse_prompt(p) for p in prompts]
     device = x.device
     c_o = colour_tensor([a.colour for a in attrs]).to(device)[:, :, None, None]
@@ -128,6 +131,12 @@ class ToyImageScorer:
 
     def __call__(self, images: torch.Tensor, timesteps: torch.Tensor | None, prompts: Sequence[str]) -> torch.Tensor:
         return score(images, prompts) * self.scale
+
+    def differentiable_score(
+        self, images: torch.Tensor, timesteps: torch.Tensor | None, prompts: Sequence[str]
+    ) -> torch.Tensor:
+        """The same score with autograd through ``images`` (for gradient distillation)."""
+        return score_components(images, prompts, differentiable=True)["score"] * self.scale
 
     def __repr__(self) -> str:
         return f"ToyImageScorer(scale={self.scale})"
