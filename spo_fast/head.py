@@ -38,7 +38,7 @@ the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to
 not only its order, and the same ``threshold`` selects pairs in head mode. (The same loss on the direction head
 alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
 
-Status: on the toy world the trained direction head agrees with the teacher on 71-77% of held-out valid pairs
+Status: on the toy world the trained direction head agrees with the teacher on 75% of held-out valid pairs
 (target 85%), and SPO driven by it lowers the held-out score (README, "Noisy-latent preference head").
 """
 
