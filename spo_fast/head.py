@@ -806,8 +806,8 @@ def evaluate_agreement(
     out: dict[str, Any] = {"overall": summary(torch.ones(len(data), dtype=torch.bool)), "buckets": {}}
     if head.config.encoder == "direction" and data.grad is not None:
         # How well the direction matches the teacher's gradient (1 = the first-order oracle).
-        hs_text = head.text_features(text_embeds.to(next(head.parameters()).device))
         with torch.no_grad():
+            hs_text = head.text_features(text_embeds.to(next(head.parameters()).device))
             cos = []
             for s in range(0, len(data), 256):
                 sub = data.subset(slice(s, s + 256))
@@ -818,4 +818,12 @@ def evaluate_agreement(
         out["overall"]["grad_cosine"] = float(torch.cat(cos).mean())
     for name in sorted(set(buckets), key=lambda s: (s != "t=0", s)):
         out["buckets"][name] = summary(torch.tensor([b == name for b in buckets]))
+    if data.grad is not None:
+        # The first-order oracle: the teacher's own gradient as the direction. The ceiling of a direction head.
+        o = pairwise_agreement(direction_scores(data.latents.transpose(0, 1), data.grad).t(), data.scores, threshold)
+        out["oracle_agree_valid"] = {"overall": float(o["agree_pair"][o["valid"]].float().mean())} | {
+            name: float(o["agree_pair"][m].float().mean())
+            for name in out["buckets"]
+            if (m := torch.tensor([b == name for b in buckets]) & o["valid"]).any()
+        }
     return out

@@ -301,6 +301,7 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["encoder"] == "direction" and report["steps"] == 12
     assert -1.0 <= report["heldout"]["overall"]["grad_cosine"] <= 1.0
+    assert 0.0 <= report["heldout"]["oracle_agree_valid"]["overall"] <= 1.0
     assert (out / "report.png").is_file() and (out / "data_train.pt").is_file()
     head = load_head(out / "head.pt")
     assert head.config.encoder == "direction"
