@@ -309,3 +309,29 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main([*args, "--resume"]) == 0
     assert (out / "data_train.pt").stat().st_mtime_ns == data_mtime
     assert main(args) == 2  # the same run again without --resume: a clear error, nothing overwritten
+
+
+def test_train_cli_runs_spo_with_a_direction_head(tmp_path):
+    """`python -m spo_fast.train --preference.head head.pt`: the trainer loads the head through the checkpoint path
+    (compatibility checks included) and samples in head mode; the run writes its LoRA as usual."""
+    from spo_fast.head import scheduler_signature as sig
+    from spo_fast.train import main
+
+    comps, _ = _toy()
+    arch = HeadArchConfig(encoder="direction", latent_channels=int(comps.unet.config.in_channels),
+                          text_dim=int(comps.text_encoders[0].config.hidden_size), width=8, depth=1,
+                          scheduler=sig(comps.scheduler), base_model="toy")  # fmt: skip
+    torch.manual_seed(0)
+    path = save_head(NoisyLatentPreferenceHead(arch), tmp_path / "head.pt")
+    out = tmp_path / "run"
+    args = ["--preference.head", str(path), "--train.iterations", "1", "--log.output_dir", str(out),
+            "--log.progress", "false", "--data.num_eval_prompts", "2", "--sampling.batch_size", "2",
+            "--sampling.num_steps", "8", "--sampling.divert_step", "4", "--train.batch_size", "4"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    import json
+
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
+    # head mode: the UNet ran on the b continuations only, as plain sampling (2 prompts x 8 steps x CFG 2 rows);
+    # the teacher mode would add k * b rows per scored step for the candidates' x0 and their lookahead
+    assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
