@@ -71,6 +71,7 @@ __all__ = [
     "pyramid_pool_matrix",
     "pool_ranking_loss",
     "pairwise_agreement",
+    "pool_directions",
     "scheduler_signature",
     "save_head",
     "load_head",
@@ -753,25 +754,45 @@ def timestep_buckets(timesteps: Tensor, edges: Sequence[int] = (0, 250, 500, 750
 
 
 @torch.no_grad()
-def head_scores_for(
+def pool_directions(
     head: NoisyLatentPreferenceHead, data: PoolRecord, text_embeds: Tensor, batch_pools: int = 256
 ) -> Tensor:
-    """Head scores ``[P, k]`` of recorded pools; ``text_embeds [len(data.prompts), L, text_dim]``."""
+    """A direction head's ``g [P, C, h, w]`` for recorded pools (needs ``data.parent_x0``)."""
+    if data.parent_x0 is None:
+        raise ValueError("these pools have no parent_x0: record them with collect_pools(gradients=True)")
+    dev = next(head.parameters()).device
+    was = head.training
+    head.eval()
+    text = head.text_features(text_embeds.to(dev))
+    out = []
+    for s in range(0, len(data), batch_pools):
+        sub = data.subset(slice(s, s + batch_pools))
+        mean = sub.latents.to(dev).mean(1)
+        out.append(head.direction(mean, sub.parent_x0.to(dev), sub.timesteps.to(dev), text[sub.prompt.to(dev)]).cpu())
+    head.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def head_scores_for(
+    head: NoisyLatentPreferenceHead,
+    data: PoolRecord,
+    text_embeds: Tensor,
+    batch_pools: int = 256,
+    directions: Tensor | None = None,
+) -> Tensor:
+    """Head scores ``[P, k]`` of recorded pools; ``text_embeds [len(data.prompts), L, text_dim]``. A direction head
+    may pass its :func:`pool_directions` (computed once) as ``directions``."""
+    if head.config.encoder == "direction":
+        g = directions if directions is not None else pool_directions(head, data, text_embeds, batch_pools)
+        return direction_scores(data.latents.transpose(0, 1), g).t()
     dev = next(head.parameters()).device
     was = head.training
     head.eval()
     text = head.text_features(text_embeds.to(dev))
     out = []
     k = data.latents.shape[1]
-    if head.config.encoder == "direction" and data.parent_x0 is None:
-        raise ValueError("these pools have no parent_x0: record them with collect_pools(gradients=True)")
     for s in range(0, len(data), batch_pools):
-        if head.config.encoder == "direction":
-            cand = data.latents[s : s + batch_pools].to(dev).transpose(0, 1)
-            sl = slice(s, s + batch_pools)
-            px, ts, pi = data.parent_x0[sl].to(dev), data.timesteps[sl].to(dev), data.prompt[sl].to(dev)
-            out.append(head.score_pools(cand, px, ts, text, pi).t().cpu())
-            continue
         lat = data.latents[s : s + batch_pools].to(dev)
         n = lat.shape[0]
         idx = data.prompt[s : s + batch_pools].to(dev).repeat_interleave(k)
@@ -788,7 +809,8 @@ def evaluate_agreement(
     """Held-out agreement with the teacher, overall and per timestep bucket (see :func:`pairwise_agreement`).
     ``agree_valid`` is the headline: on pools whose best/worst pair the teacher calls valid, how often the head
     orders that pair the same way."""
-    hs = head_scores_for(head, data, text_embeds)
+    g = pool_directions(head, data, text_embeds) if head.config.encoder == "direction" else None
+    hs = head_scores_for(head, data, text_embeds, directions=g)
     a = pairwise_agreement(hs, data.scores, threshold)
     buckets = timestep_buckets(data.timesteps)
 
@@ -804,18 +826,9 @@ def evaluate_agreement(
         }
 
     out: dict[str, Any] = {"overall": summary(torch.ones(len(data), dtype=torch.bool)), "buckets": {}}
-    if head.config.encoder == "direction" and data.grad is not None:
+    if g is not None and data.grad is not None:
         # How well the direction matches the teacher's gradient (1 = the first-order oracle).
-        with torch.no_grad():
-            hs_text = head.text_features(text_embeds.to(next(head.parameters()).device))
-            cos = []
-            for s in range(0, len(data), 256):
-                sub = data.subset(slice(s, s + 256))
-                dev = hs_text.device
-                g = head.direction(sub.latents.to(dev).mean(1), sub.parent_x0.to(dev), sub.timesteps.to(dev),
-                                   hs_text[sub.prompt.to(dev)])  # fmt: skip
-                cos.append(F.cosine_similarity(g.flatten(1).cpu(), sub.grad.flatten(1).float(), dim=1))
-        out["overall"]["grad_cosine"] = float(torch.cat(cos).mean())
+        out["overall"]["grad_cosine"] = float(F.cosine_similarity(g.flatten(1), data.grad.flatten(1).float()).mean())
     for name in sorted(set(buckets), key=lambda s: (s != "t=0", s)):
         out["buckets"][name] = summary(torch.tensor([b == name for b in buckets]))
     if data.grad is not None:

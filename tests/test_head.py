@@ -335,3 +335,24 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path):
     # head mode: the UNet ran on the b continuations only, as plain sampling (2 prompts x 8 steps x CFG 2 rows);
     # the teacher mode would add k * b rows per scored step for the candidates' x0 and their lookahead
     assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
+
+
+def test_head_scores_for_recorded_pools_match_the_samplers_call():
+    """Scores of recorded pools ([P, k], batched over pools) equal the head's scores in the sampler's layout."""
+    from spo_fast.head import head_scores_for
+
+    head = _head("direction")
+    g = torch.Generator().manual_seed(6)
+    P, k = 5, 3
+    rec = PoolRecord(torch.randn(P, k, 2, 4, 4, generator=g), torch.tensor([900, 500, 20, 0, 700]),
+                     torch.tensor([0, 1, 1, 0, 1]), torch.randn(P, k, generator=g), ["a", "b"],
+                     parent_x0=torch.randn(P, 2, 4, 4, generator=g))  # fmt: skip
+    embeds = torch.randn(2, 5, 6, generator=g)
+    got = head_scores_for(head, rec, embeds, batch_pools=2)
+    with torch.no_grad():
+        text = head.text_features(embeds)
+        want = head(rec.latents.transpose(0, 1).flatten(0, 1), rec.timesteps.repeat(k), text, rec.prompt.repeat(k),
+                    parent_x0=rec.parent_x0).view(k, P).t()  # fmt: skip
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="no parent_x0"):
+        head_scores_for(head, PoolRecord(rec.latents, rec.timesteps, rec.prompt, rec.scores, rec.prompts), embeds)
