@@ -1,5 +1,5 @@
-"""The README's benchmark commands run: bench/run_all.py --quick over the loss, resampler and efficiency benches
-(bench_e2e has its own test), each writing JSON with the environment and its rows."""
+"""The README's benchmark commands run: bench/run_all.py --quick over the loss, resampler, efficiency and
+direction-tail benches (bench_e2e has its own test), each writing JSON with the environment and its rows."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ BENCH = Path(__file__).parents[1] / "bench"
 
 def test_run_all_quick(tmp_path):
     out = tmp_path / "report.json"
-    names = ["bench_loss", "bench_resampler", "bench_efficiency"]
+    names = ["bench_loss", "bench_resampler", "bench_efficiency", "bench_direction_tail"]
     subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", *names, "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=900,
