@@ -1,6 +1,6 @@
 """The direction head's scoring tail: the PyTorch reference (einsum) against the fused Triton kernel.
 
-reference:  spo_fast.head.direction_scores: x.float(), the pool mean, x - mean (k*b*N, materialised), einsum.
+reference:  spo_fast.head.direction_scores_ref: x.float(), the pool mean, x - mean (k*b*N, materialised), einsum.
 fused:      spo_fast.kernels.direction_score.direction_score_fused: one streaming pass (mean, centring and dot
             product in registers); backward one Triton pass. CUDA only here: on CPU Triton runs in its
             interpreter, which measures Python, not the kernel, so CPU runs time the reference alone and say so.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from _common import environment, median_time, peak_memory, print_table, write_json
 
-from spo_fast.head import direction_scores
+from spo_fast.head import direction_scores_ref
 
 SHAPES = {"sd15": (4, 10, 4, 64, 64), "sdxl": (4, 4, 4, 128, 128)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,7 +75,7 @@ def max_errors(fused, x, d, dev) -> dict[str, float]:
     """Largest deviation of the fused scores and gradients from the reference (fp32 from the same inputs)."""
     up = torch.randn(x.shape[:2], device=dev)
     res = []
-    for fn, xx, dd in ((fused, x, d), (direction_scores, x.float(), d.float())):
+    for fn, xx, dd in ((fused, x, d), (direction_scores_ref, x.float(), d.float())):
         xl, dl = xx.detach().clone().requires_grad_(), dd.detach().clone().requires_grad_()
         s = fn(xl, dl)
         (s * up).sum().backward()
@@ -103,7 +103,7 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 200 if dev.type == "cuda" else 20)
     shapes = ["sd15"] if args.quick else args.shapes
     layouts = ["contiguous"] if args.quick else args.layouts
-    impls: dict[str, Callable[..., torch.Tensor]] = {"reference": direction_scores}
+    impls: dict[str, Callable[..., torch.Tensor]] = {"reference": direction_scores_ref}
     notes: list[str] = []
     peak_bw = None
     if dev.type == "cuda":

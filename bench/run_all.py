@@ -29,6 +29,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "bench_e2e": ["--scale", "small", "--warmup", "0", "--iters", "1"],
     "bench_efficiency": ["--iterations", "2", "--eval-every", "1", "--eval-prompts", "2"],
     "bench_head": ["--sections", "flops", "--repeats", "1"],
+    "bench_direction_tail": ["--quick"],
 }
 
 

@@ -6,7 +6,7 @@ latent flattened to N = C*h*w elements::
     m[j]        = (1/k) sum_i x[i, j]                                       [N]   (pool mean)
     score[i, j] = < x[i, j] - m[j], g[j] >                                   [k, b] fp32
 
-which is :func:`spo_fast.head.direction_scores`. The reference materialises ``x - m`` (k*b*N) before a batched dot
+which is :func:`spo_fast.head.direction_scores_ref`. The reference materialises ``x - m`` (k*b*N) before a batched dot
 product; here each program streams BLOCK_N elements of one pool at a time: it loads the pool's k candidate blocks as
 one ``[K_PAD, BLOCK_N]`` tile (K_PAD = next power of two >= k, padded rows masked to zero), takes the mean over the
 rows in registers, subtracts it, multiplies by the direction block and adds the row sums to a ``[K_PAD]`` fp32
@@ -44,14 +44,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spo_fast.head import direction_scores
+from spo_fast.head import direction_scores_ref
 
 __all__ = ["direction_score_fused", "direction_score_fused_ref", "INTERPRETED"]
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-direction_score_fused_ref = direction_scores
+direction_score_fused_ref = direction_scores_ref
 
 # Tests lower these to exercise several blocks per program and several split programs per pool on tiny latents.
 _BLOCK_OVERRIDE: int | None = None
@@ -234,7 +234,7 @@ _direction_score_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 
 
 def direction_score_fused(candidates: Tensor, direction: Tensor) -> Tensor:
-    """Scores ``[k, b]`` (fp32) of :func:`spo_fast.head.direction_scores`: ``<x_ij - mean_i x_ij, g_j>`` for
+    """Scores ``[k, b]`` (fp32) of :func:`spo_fast.head.direction_scores_ref`: ``<x_ij - mean_i x_ij, g_j>`` for
     ``candidates [k, b, C, h, w]`` and ``direction [b, C, h, w]``, in one launch (two for few, large pools);
     differentiable with respect to both inputs (gradients in the inputs' dtypes)."""
     if candidates.ndim != 5:
@@ -252,7 +252,7 @@ def direction_score_fused(candidates: Tensor, direction: Tensor) -> Tensor:
     if candidates.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "the Triton direction tail got CPU tensors but Triton is not in interpreter mode: set TRITON_INTERPRET=1 "
-            "before spo_fast.kernels is imported, or use spo_fast.head.direction_scores"
+            "before spo_fast.kernels is imported, or use spo_fast.head.direction_scores_ref (SPO_FAST_HEAD_IMPL=torch)"
         )
     k, b, c, h, w = candidates.shape
     n = c * h * w

@@ -29,7 +29,8 @@ The per-candidate encoders end in the step-aware model's tail::
 
 That tail (pooling -> projection -> cosine -> scale) is :func:`score_tail`: one fused Triton launch on GPUs
 (``spo_fast.kernels.head_score``), the PyTorch reference :func:`score_tail_ref` elsewhere. The direction head's
-tail is a single batched dot product and needs no kernel of its own.
+tail (centre each pool's candidates, project them on the pool's direction) is :func:`direction_scores`: one fused
+Triton launch on GPUs (``spo_fast.kernels.direction_score``), :func:`direction_scores_ref` elsewhere.
 
 The per-candidate encoders are trained with a pairwise ranking loss over each pool: for candidates i, j of one pool,
 the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to the teacher's
@@ -67,6 +68,7 @@ __all__ = [
     "score_tail",
     "score_tail_ref",
     "direction_scores",
+    "direction_scores_ref",
     "direction_distillation_loss",
     "pyramid_pool_matrix",
     "pool_ranking_loss",
@@ -164,12 +166,30 @@ def score_tail(
     return score_tail_ref(features, pool, weight, bias, text, text_index, logit_scale)
 
 
-def direction_scores(candidates: Tensor, direction: Tensor) -> Tensor:
-    """The direction head's tail: ``[k, b]`` scores ``<g_j, x_ij - mean_i x_ij>`` of ``candidates [k, b, C, h, w]``
-    along ``direction [b, C, h, w]``, in fp32. Centering changes no score difference (so no pair and no margin); it
-    makes the scores of a pool sum to zero. One batched dot product: nothing worth a kernel launch of its own."""
+def direction_scores_ref(candidates: Tensor, direction: Tensor) -> Tensor:
+    """Reference of the direction head's tail: ``[k, b]`` scores ``<g_j, x_ij - mean_i x_ij>`` of
+    ``candidates [k, b, C, h, w]`` along ``direction [b, C, h, w]``, in fp32. Centering changes no score difference
+    (so no pair and no margin); it makes the scores of a pool sum to zero."""
     x = candidates.float()
     return torch.einsum("kbchw,bchw->kb", x - x.mean(0, keepdim=True), direction.float())
+
+
+def direction_scores(candidates: Tensor, direction: Tensor) -> Tensor:
+    """The direction head's tail (see :func:`direction_scores_ref`): the fused Triton kernel
+    (``spo_fast.kernels.direction_score``: one streaming pass over the candidates, centring in registers) on CUDA
+    tensors when Triton is importable (or ``SPO_FAST_HEAD_IMPL=triton``), the PyTorch reference otherwise. Same
+    values, same gradients."""
+    impl = tail_impl()
+    if impl == "triton" or (impl == "auto" and candidates.is_cuda):
+        try:
+            from .kernels.direction_score import direction_score_fused
+        except ImportError as e:
+            if impl == "triton":
+                raise
+            logger.info("the fused direction tail is unavailable (%s): using the PyTorch reference", e)
+        else:
+            return direction_score_fused(candidates, direction)
+    return direction_scores_ref(candidates, direction)
 
 
 # ------------------------------------------------------------------------------------------------ modules

@@ -1,4 +1,4 @@
-"""The fused direction-head tail (Triton, interpreter on CPU) against spo_fast.head.direction_scores: values and
+"""The fused direction-head tail (Triton, interpreter on CPU) against spo_fast.head.direction_scores_ref: values and
 gradients with respect to both inputs, odd sizes, several blocks and split programs, every input dtype."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spo_fast.kernels import direction_score as K
 
-from spo_fast.head import direction_scores
+from spo_fast.head import direction_scores_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Gradient tolerances: the gradients are written in the inputs' dtype, so they carry its rounding.
@@ -42,7 +42,7 @@ def check(x, g, seed=3):
     up = torch.randn(k, b, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     got, gx, gg = run(K.direction_score_fused, x, g, up)
     # Reference in fp32 from the same (rounded) inputs: the kernel reads each input in its dtype, accumulates in fp32.
-    exp, ex, eg = run(direction_scores, x.float(), g.float(), up)
+    exp, ex, eg = run(direction_scores_ref, x.float(), g.float(), up)
     assert got.dtype == torch.float32 and got.shape == (k, b) and torch.isfinite(got).all()
     # The scores come from identical fp32 values, so fp32 tolerance whatever the input dtype (scaled: sums of N terms).
     scale = (x.float() - x.float().mean(0)).abs().amax() * g.float().abs().amax() * x[0, 0].numel() ** 0.5
@@ -84,7 +84,7 @@ def test_only_the_gradients_asked_for(need):
     x, g = make(3, 2, 3, 5, 7, torch.float32)
     up = torch.randn(3, 2).to(DEVICE)
     got, gx, gg = run(K.direction_score_fused, x, g, up, need)
-    exp, ex, eg = run(direction_scores, x, g, up, need)
+    exp, ex, eg = run(direction_scores_ref, x, g, up, need)
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-4)
     for a, e in ((gx, ex), (gg, eg)):
         assert (a is None) == (e is None)
@@ -145,6 +145,21 @@ def test_bad_inputs(monkeypatch):
     monkeypatch.setattr(K, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         K.direction_score_fused(x.cpu(), g.cpu())
+
+
+def test_head_dispatch_picks_the_kernel_or_the_reference(monkeypatch):
+    """``spo_fast.head.direction_scores`` (what the head calls) gives the same values and gradients through the kernel
+    (SPO_FAST_HEAD_IMPL=triton) and the reference (=torch)."""
+    from spo_fast.head import direction_scores
+
+    x, g = make(4, 3, 3, 5, 7, torch.float32, transposed=True)
+    up = torch.randn(4, 3, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    monkeypatch.setenv("SPO_FAST_HEAD_IMPL", "triton")
+    got = run(direction_scores, x, g, up)
+    monkeypatch.setenv("SPO_FAST_HEAD_IMPL", "torch")
+    exp = run(direction_scores, x, g, up)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_op_opcheck_and_compile():
