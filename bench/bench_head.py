@@ -158,24 +158,34 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
     }
 
 
-def spo_section(head_path: str, iterations: int, eval_prompts: int) -> dict[str, Any]:
+SPO_METHODS = ("teacher", "head", "head_verify", "teacher_k2")
+
+
+def spo_section(head_path: str, iterations: int, eval_prompts: int, methods: tuple[str, ...] = SPO_METHODS) -> dict:
+    """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
+    candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
+    2 of the k candidates decoded and scored) and the teacher with k = 2 (the same teacher work per pool as the
+    verified head, on a random pair)."""
     from spo_fast.config import make_config
     from spo_fast.head import load_head
     from spo_fast.sampler import PoolSampler
     from spo_fast.trainer import SPOTrainer
 
     out: dict[str, Any] = {}
-    for method in ("teacher", "head"):
+    for method in methods:
         with tempfile.TemporaryDirectory() as tmp:
+            sampling = {"num_candidates": 2} if method == "teacher_k2" else {}
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": 0}, "data": {"num_eval_prompts": eval_prompts},
-                "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
+                "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
             })  # fmt: skip
             tr = SPOTrainer(cfg)
-            if method == "head":
+            if method.startswith("head"):
                 head = HeadScorer(load_head(head_path, tr.components, tr.device))
                 s = tr.sampler
-                tr.sampler = PoolSampler(s.denoiser, s.scheduler, None, s.config, head=head)
+                tr.sampler = PoolSampler(
+                    s.denoiser, s.scheduler, s.scorer, s.config, head=head, verify_head=method == "head_verify"
+                )
             curve = [{"iteration": 0, "seconds": 0.0, "unet_rows": 0, **tr.evaluate()}]
             spent = 0.0
             for it in range(iterations):
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spo-iterations", type=int, default=8)
+    ap.add_argument("--spo-methods", nargs="+", default=list(SPO_METHODS), choices=SPO_METHODS)
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "spo" in args.sections:
         if not args.head:
             ap.error("--sections spo needs --head (train one with python -m spo_fast.train_head)")
-        s = spo_section(args.head, args.spo_iterations, args.eval_prompts)
+        s = spo_section(args.head, args.spo_iterations, args.eval_prompts, tuple(args.spo_methods))
         payload["spo"] = s
         for m, curve in s.items():
             last = curve[-1]

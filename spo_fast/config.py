@@ -54,6 +54,11 @@ class PreferenceConfig:
     processor: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP processor/tokenizer folder or hub id")
     checkpoint: str = _f("", "official step-aware preference model checkpoint (.bin/.safetensors, 'model.' keys)")
     head: str = _f("", "noisy-latent preference head (head.pt of python -m spo_fast.train_head); empty = decode+score")
+    verify_head: bool = _f(
+        False,
+        "with head: the head proposes each pool's pair, this preference model orders and validates it (it "
+        "decodes and scores 2 of the k candidates)",
+    )
 
 
 @dataclass

@@ -100,6 +100,11 @@ def validate_config(cfg: SPOConfig) -> None:
             f"preference.head {cfg.preference.head!r} does not exist: train one with "
             f"`python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}` (see README) or drop the option"
         )
+    if cfg.preference.verify_head and not cfg.preference.head:
+        raise ValueError(
+            "preference.verify_head needs preference.head (the head that proposes the pairs): pass --preference.head "
+            f"<head.pt>, trained with `python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}`"
+        )
     if cfg.preference.kind == "step_aware" and not cfg.preference.checkpoint:
         raise ValueError(
             "preference.kind=step_aware needs preference.checkpoint: the official step-aware preference model "
@@ -338,7 +343,10 @@ class SPOTrainer:
             head = HeadScorer(
                 load_head(cfg.preference.head, self.components, self.device, pretrained=cfg.model.pretrained)
             )
-        self.sampler = PoolSampler(self._sample_denoiser, self.components.scheduler, self.scorer, sc, head=head)
+        self.sampler = PoolSampler(
+            self._sample_denoiser, self.components.scheduler, self.scorer, sc, head=head,
+            verify_head=head is not None and cfg.preference.verify_head,
+        )  # fmt: skip
 
     def _setup_parallel(self) -> None:
         """Wrap the UNet for the policy's training forward: DeepSpeed engine, DDP, or nothing (one process).

@@ -66,6 +66,7 @@ def test_print_config(capsys):
         (["--train.method", "ppo"], "method"),
         (["--preference.kind", "step_aware"], "checkpoint"),
         (["--preference.head", "missing_head.pt"], "python -m spo_fast.train_head"),
+        (["--preference.verify_head", "true"], "--preference.head <head.pt>"),
     ],
 )
 def test_bad_config_fails_before_loading_models(tmp_path, capsys, monkeypatch, args, match):

@@ -144,6 +144,83 @@ def test_sampler_needs_a_scorer_or_head():
         PoolSampler(CountingDenoiser(), _sched(), None, PoolSamplerConfig(num_steps=4, divert_step=1))
 
 
+class ProposingHead:
+    """A head that ranks candidates by ``sign * mean(x)`` (sign -1: the reverse of the teacher below) and records
+    its scores."""
+
+    def __init__(self, sign):
+        self.sign, self.scores = sign, []
+
+    def __call__(self, latents, timesteps, cond, prompt_index, parent_x0=None):
+        s = self.sign * latents.mean((1, 2, 3))
+        self.scores.append(s)
+        return s
+
+
+class CountingTeacher:
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, x0, t, idx):
+        self.rows.append(x0.shape[0])
+        return 40 * x0.mean((1, 2, 3))
+
+
+def _verify_run(k, verify, sign=-1.0, b=3, n=8, div=2, threshold=0.05):
+    den, teacher, head = CountingDenoiser(), CountingTeacher(), ProposingHead(sign)
+    cfg = PoolSamplerConfig(num_steps=n, num_candidates=k, divert_step=div, inner_steps=0, threshold=threshold)
+    sampler = PoolSampler(den, _sched(), teacher, cfg, head=head if verify else None, verify_head=verify)
+    g = torch.Generator().manual_seed(0)
+    cond = Cond(torch.randn(b, 5, 6, generator=g))
+    res = sampler.sample(cond, torch.randn(b, 2, 4, 4, generator=g), g, seed=3)
+    return res, den, teacher, head
+
+
+def test_verified_head_mode_lets_the_teacher_order_the_heads_pair():
+    """The head proposes (argmax, argmin of its scores), the teacher sees only those 2b candidates and orders them:
+    with a head that ranks in reverse, every pair's win is still the teacher's better candidate."""
+    b, k = 3, 4
+    res, den, teacher, head = _verify_run(k, True, b=b)
+    assert teacher.rows == [2 * b] * len(res.log.scores)  # 2 of the k candidates per pool, final step included
+    # per non-final scored step: the pair's x0 estimate (2b rows) and the b continuations; the trunk b per step
+    assert res.unet_rows == sum(den.rows) == b * 3 + (len(res.log.scores) - 1) * 3 * b
+    n_valid = 0
+    for s, hs, win, lose, valid in zip(res.log.scores, head.scores, res.log.win, res.log.lose, res.log.valid):
+        hs = hs.view(k, b)
+        proposed = torch.stack([hs.argmax(0), hs.argmin(0)])
+        cols = torch.arange(b)
+        assert torch.equal(torch.sort(torch.stack([win, lose]), 0).values, torch.sort(proposed, 0).values)
+        assert (s[win, cols] >= s[lose, cols]).all()
+        # the two candidates the teacher did not see sit halfway: never selected, the margin is the teacher's
+        mid = (s[win, cols] + s[lose, cols]) / 2
+        others = torch.ones(k, b, dtype=torch.bool)
+        others[win, cols] = others[lose, cols] = False
+        torch.testing.assert_close(s[others], mid.expand(k, b)[others])
+        # the reverse-ranking head's best is the teacher's worst: the teacher flips the order
+        assert torch.equal(lose[valid], hs.argmax(0)[valid])
+        n_valid += int(valid.sum())
+    assert n_valid > 0 and len(res.pairs) == n_valid
+
+
+def test_verified_head_mode_with_two_candidates_is_the_teacher_mode():
+    """With k = 2 the head's pair is the whole pool: the same pairs, margins and final latents as the teacher mode
+    (the ledger draws continuations from its counter RNG, not from the scores)."""
+    a, *_ = _verify_run(2, False)
+    v, *_ = _verify_run(2, True)
+    for name in ("win", "lose", "parent_win", "timesteps", "margin", "prompt_index"):
+        torch.testing.assert_close(getattr(v.pairs, name), getattr(a.pairs, name), msg=name)
+    torch.testing.assert_close(v.final, a.final)
+    assert len(a.pairs) > 0
+
+
+def test_verified_head_mode_needs_a_head_and_a_scorer():
+    cfg = PoolSamplerConfig(num_steps=4, divert_step=1)
+    with pytest.raises(ValueError, match="verify_head needs both"):
+        PoolSampler(CountingDenoiser(), _sched(), None, cfg, head=ProposingHead(1.0), verify_head=True)
+    with pytest.raises(ValueError, match="verify_head needs both"):
+        PoolSampler(CountingDenoiser(), _sched(), CountingTeacher(), cfg, verify_head=True)
+
+
 # ------------------------------------------------------------------------------------------------ direction head
 
 
@@ -311,9 +388,11 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(args) == 2  # the same run again without --resume: a clear error, nothing overwritten
 
 
-def test_train_cli_runs_spo_with_a_direction_head(tmp_path):
-    """`python -m spo_fast.train --preference.head head.pt`: the trainer loads the head through the checkpoint path
-    (compatibility checks included) and samples in head mode; the run writes its LoRA as usual."""
+@pytest.mark.parametrize("verify", [False, True])
+def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
+    """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true]`: the trainer loads the
+    head through the checkpoint path (compatibility checks included) and samples in head mode (or the verified head
+    mode); the run writes its LoRA as usual."""
     from spo_fast.head import scheduler_signature as sig
     from spo_fast.train import main
 
@@ -327,6 +406,8 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path):
     args = ["--preference.head", str(path), "--train.iterations", "1", "--log.output_dir", str(out),
             "--log.progress", "false", "--data.num_eval_prompts", "2", "--sampling.batch_size", "2",
             "--sampling.num_steps", "8", "--sampling.divert_step", "4", "--train.batch_size", "4"]  # fmt: skip
+    if verify:
+        args += ["--preference.verify_head", "true"]
     assert main(args) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     import json
@@ -334,7 +415,12 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path):
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
     # head mode: the UNet ran on the b continuations only, as plain sampling (2 prompts x 8 steps x CFG 2 rows);
     # the teacher mode would add k * b rows per scored step for the candidates' x0 and their lookahead
-    assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
+    if not verify:
+        assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
+    else:
+        # trunk 5 b rows; each of the 3 non-final scored steps: the pair's 2-jump lookahead (2 x 2b) and the b
+        # continuations; the final step's pair is scored as x_0 (b = 2 prompts, CFG 2 rows each)
+        assert rec["unet_rows"]["sampling"] == (5 * 2 + 3 * 5 * 2) * 2
 
 
 def test_head_scores_for_recorded_pools_match_the_samplers_call():
