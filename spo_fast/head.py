@@ -40,7 +40,9 @@ not only its order, and the same ``threshold`` selects pairs in head mode. (The 
 alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
 
 Status: on the toy world the trained direction head agrees with the teacher on 75% of held-out valid pairs
-(target 85%), and SPO driven by it lowers the held-out score (README, "Noisy-latent preference head").
+(target 85%), and SPO driven by its labels alone does not learn; in the sampler's verified mode (the head proposes
+each pool's pair, the teacher orders it: ``PoolSampler(verify_head=True)``) SPO learns (README, "Noisy-latent
+preference head").
 """
 
 from __future__ import annotations
