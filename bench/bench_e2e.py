@@ -21,6 +21,10 @@ fast+head  the fast path with the noisy-latent preference head (``spo_fast.head`
            weights here (timing only; ``python -m spo_fast.train_head`` trains one): with ``--threshold 0`` every
            scored step pairs, so the pair count equals the other modes'.
 
+fast+head_verify  the fast path with the verified head: the head scores the k*b noisy candidates and proposes each
+           pool's pair; only those 2b candidates get the x0 estimate, the VAE decode and the SPM (which orders the
+           pair), and the UNet runs on the b continuations.
+
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
 yields a pair: the largest training phase, b * (N - divert) pairs).
@@ -529,7 +533,7 @@ def head_arch(comps: Any, scale: str) -> Any:
     )  # fmt: skip
 
 
-def build_fast_head(setup: Setup) -> Mode:
+def build_fast_head(setup: Setup, verify: bool = False) -> Mode:
     from spo_fast.head import HeadScorer, NoisyLatentPreferenceHead
 
     mode, trainer, timer = _build_fast(setup)
@@ -538,7 +542,10 @@ def build_fast_head(setup: Setup) -> Mode:
     head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
     timed = TimedHead(HeadScorer(head), timer)
     old = trainer.sampler
-    trainer.sampler = PoolSampler(old.denoiser, old.scheduler, None, old.config, head=timed)
+    # Verified: the head proposes each pool's pair, the (timed) decode + SPM scorer orders only those two.
+    trainer.sampler = PoolSampler(
+        old.denoiser, old.scheduler, old.scorer if verify else None, old.config, head=timed, verify_head=verify
+    )
     inner = mode.iteration
 
     def iteration(it: int) -> IterationRecord:
@@ -548,10 +555,12 @@ def build_fast_head(setup: Setup) -> Mode:
         return rec
 
     mode.iteration = iteration
-    # What the head mode needs while training: no SPM, and the VAE only for evaluation (not counted, as for the SPM).
-    mode.state_bytes = lambda: (
-        _state_bytes(comps.unet, *comps.text_encoders, head) + _optimizer_bytes(trainer.optimizer)
-    )
+    if not verify:
+        # What the head mode needs while training: no SPM, and the VAE only for evaluation (not counted, as for the
+        # SPM).
+        mode.state_bytes = lambda: (
+            _state_bytes(comps.unet, *comps.text_encoders, head) + _optimizer_bytes(trainer.optimizer)
+        )
     mode.details["head_parameters"] = sum(p.numel() for p in head.parameters())
     return mode
 
@@ -560,6 +569,7 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
     "official": build_official,
     "fast": build_fast,
     "fast+head": build_fast_head,
+    "fast+head_verify": lambda setup: build_fast_head(setup, verify=True),
 }
 PLANNED: dict[str, str] = {}
 
