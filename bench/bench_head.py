@@ -84,6 +84,11 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
         per[f"head_{e}"] = heads[e]
     teacher_step = 2 * k * b * per["unet_row"] + k * b * (per["vae_decode"] + per["vit_h_224"])
     head_step = {e: 2 * b * per["unet_row"] + k * b * per[f"head_{e}"] for e in encs}
+    # Verified head (one-step x0 as in the official SD1.5 sampler): the head on the k*b candidates, the UNet (CFG) on
+    # the proposed pair's 2b rows and the b continuations, decode + teacher on the pair only.
+    verified = (
+        2 * 3 * b * per["unet_row"] + k * b * per["head_direction"] + 2 * b * (per["vae_decode"] + per["vit_h_224"])
+    )
     return {
         "k": k,
         "b": b,
@@ -94,8 +99,15 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
             "unet_for_x0+decode+teacher": (2 * per["unet_row"] + per["vae_decode"] + per["vit_h_224"]) / 1e9,
             **{f"head_{e}": per[f"head_{e}"] / 1e9 for e in encs},
         },
-        "scored_step_tflops": {"teacher": teacher_step / 1e12, **{f"head_{e}": v / 1e12 for e, v in head_step.items()}},
-        "scored_step_ratio": {f"head_{e}": teacher_step / v for e, v in head_step.items()},
+        "scored_step_tflops": {
+            "teacher": teacher_step / 1e12,
+            **{f"head_{e}": v / 1e12 for e, v in head_step.items()},
+            "verified_head_direction": verified / 1e12,
+        },  # fmt: skip
+        "scored_step_ratio": {
+            **{f"head_{e}": teacher_step / v for e, v in head_step.items()},
+            "verified_head_direction": teacher_step / verified,
+        },  # fmt: skip
     }
 
 
