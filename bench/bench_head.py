@@ -173,7 +173,9 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
 SPO_METHODS = ("teacher", "head", "head_verify", "teacher_k2")
 
 
-def spo_section(head_path: str, iterations: int, eval_prompts: int, methods: tuple[str, ...] = SPO_METHODS) -> dict:
+def spo_section(
+    head_path: str, iterations: int, eval_prompts: int, methods: tuple[str, ...] = SPO_METHODS, seed: int = 0
+) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
     2 of the k candidates decoded and scored) and the teacher with k = 2 (the same teacher work per pool as the
@@ -188,7 +190,7 @@ def spo_section(head_path: str, iterations: int, eval_prompts: int, methods: tup
         with tempfile.TemporaryDirectory() as tmp:
             sampling = {"num_candidates": 2} if method == "teacher_k2" else {}
             cfg = make_config("toy", overrides={
-                "train": {"iterations": iterations, "seed": 0}, "data": {"num_eval_prompts": eval_prompts},
+                "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
             })  # fmt: skip
             tr = SPOTrainer(cfg)
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spo-iterations", type=int, default=8)
     ap.add_argument("--spo-methods", nargs="+", default=list(SPO_METHODS), choices=SPO_METHODS)
+    ap.add_argument("--spo-seed", type=int, default=0, help="the SPO runs' train.seed (prompts, noise, LoRA init)")
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "spo" in args.sections:
         if not args.head:
             ap.error("--sections spo needs --head (train one with python -m spo_fast.train_head)")
-        s = spo_section(args.head, args.spo_iterations, args.eval_prompts, tuple(args.spo_methods))
+        s = spo_section(args.head, args.spo_iterations, args.eval_prompts, tuple(args.spo_methods), args.spo_seed)
         payload["spo"] = s
         for m, curve in s.items():
             last = curve[-1]
