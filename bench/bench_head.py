@@ -170,7 +170,29 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
     }
 
 
-SPO_METHODS = ("teacher", "head", "head_verify", "teacher_k2")
+SPO_METHODS = ("teacher", "head", "head_verify", "teacher_k2", "oracle")
+
+
+class _OracleDirection:
+    """Diagnostic, not a speed-up: the teacher's own gradient at each pool mean (through the lookahead, the decoder
+    and the differentiable toy score) as the direction, candidates scored ``<grad, x_i - mean>``. The ceiling of a
+    direction head: what SPO would do with a perfect one."""
+
+    def __init__(self, trainer: Any) -> None:
+        from spo_fast.head import _differentiable
+        from spo_fast.toy import ToyImageScorer
+
+        self.trainer, self.grad_fn, self.sampler = trainer, _differentiable(ToyImageScorer()), None
+
+    def __call__(self, latents, timesteps, cond, prompt_index, parent_x0=None):
+        from spo_fast.head import _teacher_gradient, direction_scores
+
+        b = parent_x0.shape[0]
+        cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
+        tr = self.trainer
+        g = _teacher_gradient(self.sampler, tr.components, self.grad_fn, cand.mean(0), int(timesteps[0]), cond,
+                              tr.scorer.prompts)  # fmt: skip
+        return direction_scores(cand, g).reshape(-1)
 
 
 def spo_section(
@@ -178,8 +200,8 @@ def spo_section(
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
-    2 of the k candidates decoded and scored) and the teacher with k = 2 (the same teacher work per pool as the
-    verified head, on a random pair)."""
+    2 of the k candidates decoded and scored), the teacher with k = 2 (the same teacher work per pool as the
+    verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic)."""
     from spo_fast.config import make_config
     from spo_fast.head import load_head
     from spo_fast.sampler import PoolSampler
@@ -194,6 +216,10 @@ def spo_section(
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
             })  # fmt: skip
             tr = SPOTrainer(cfg)
+            if method == "oracle":
+                oracle = _OracleDirection(tr)
+                s = tr.sampler
+                tr.sampler = oracle.sampler = PoolSampler(s.denoiser, s.scheduler, None, s.config, head=oracle)
             if method.startswith("head"):
                 head = HeadScorer(load_head(head_path, tr.components, tr.device))
                 s = tr.sampler

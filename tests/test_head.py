@@ -442,3 +442,34 @@ def test_head_scores_for_recorded_pools_match_the_samplers_call():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="no parent_x0"):
         head_scores_for(head, PoolRecord(rec.latents, rec.timesteps, rec.prompt, rec.scores, rec.prompts), embeds)
+
+
+def test_bench_head_spo_section_runs(tmp_path):
+    """README: `bench_head.py --sections spo --head <head.pt>` (SPO on the toy world with the head alone and the
+    verified head; one iteration each here) writes curves of the held-out score against seconds and UNet rows."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spo_fast.head import scheduler_signature as sig
+
+    comps, _ = _toy()
+    arch = HeadArchConfig(encoder="direction", latent_channels=int(comps.unet.config.in_channels),
+                          text_dim=int(comps.text_encoders[0].config.hidden_size), width=8, depth=1,
+                          scheduler=sig(comps.scheduler), base_model="toy")  # fmt: skip
+    torch.manual_seed(0)
+    path = save_head(NoisyLatentPreferenceHead(arch), tmp_path / "head.pt")
+    out = tmp_path / "bench_head.json"
+    cmd = [sys.executable, "bench_head.py", "--sections", "spo", "--head", str(path), "--spo-iterations", "1",
+           "--eval-prompts", "2", "--spo-methods", "head", "head_verify", "--out", str(out)]  # fmt: skip
+    bench = Path(__file__).parents[1] / "bench"
+    proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spo = json.loads(out.read_text())["spo"]
+    assert set(spo) == {"head", "head_verify"}
+    for curve in spo.values():
+        assert [r["iteration"] for r in curve] == [0, 1] and all(math.isfinite(r["eval_score"]) for r in curve)
+    # the verified head pays for the pair's x0 estimates: more UNet rows than the head alone
+    assert spo["head_verify"][1]["unet_rows"] > spo["head"][1]["unet_rows"] > 0
