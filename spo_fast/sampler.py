@@ -257,10 +257,13 @@ class PoolSampler:
             if self.head is not None or self.observer is not None:
                 # The parent's x0 estimate: elementwise from the UNet output the pool's mean was made with.
                 parent_x0 = predict_x0_eps(self._coeffs(i, b, dev), pred_parent, x)[0].to(x.dtype)
+            verified = None
             if self.head is not None:
                 scores = self.head(flat, score_ts, cond, cols.repeat(k), parent_x0=parent_x0)
                 if self.verify_head:
-                    scores, extra = self._verify(cur, scores.reshape(k, b).float(), i_next, score_t, cond, cols)
+                    scores, extra, verified = self._verify(
+                        cur, scores.reshape(k, b).float(), i_next, score_t, cond, cols
+                    )
                     rows += extra
             else:
                 scores = self.scorer(x0, score_ts, cols.repeat(k))
@@ -272,6 +275,9 @@ class PoolSampler:
             x = cur[nxt, cols]
             if pred_all is not None:
                 pred_parent = pred_all.view(k, b, *x.shape[1:])[nxt, cols]
+            elif verified is not None and i_next < n_steps:
+                pred_parent, extra = self._continuation_pred(x, nxt, verified, i_next, cond, cols)
+                rows += extra
             elif i_next < n_steps:  # head mode: the UNet runs on the b continuations only
                 pred_parent = self.denoiser(x, self._t(i_next, b, dev), cond)
                 rows += b
@@ -299,12 +305,13 @@ class PoolSampler:
         pair = torch.stack([head_scores.argmax(0), head_scores.argmin(0)])  # [2, b]
         two = cur[pair, cols].reshape(2 * b, *cur.shape[2:])
         cols2 = cols.repeat(2)
-        rows = 0
+        rows, pred = 0, None
         if i_next < self.config.num_steps:
             cond2 = cond[cols2.cpu()]
             pred = self.denoiser(two, self._t(i_next, 2 * b, two.device), cond2)
             x0, extra = self._lookahead_x0(two, pred, score_t, cond2)
             rows = 2 * b + extra
+            pred = pred.view(2, b, *pred.shape[1:])
         else:
             x0 = two  # the final step: the candidates are x_0
         ts = torch.full((2 * b,), score_t, dtype=torch.long, device=two.device)
@@ -312,7 +319,28 @@ class PoolSampler:
         table = ((s2[0] + s2[1]) / 2).expand(k, b).clone()
         table.scatter_(0, pair[1:], s2[1:])
         table.scatter_(0, pair[:1], s2[:1])  # an argmax == argmin pool keeps one score: a tie, no pair
-        return table, rows
+        return table, rows, (pair, pred)
+
+    def _continuation_pred(
+        self, x: Tensor, nxt: Tensor, verified: tuple[Tensor, Tensor | None], i_next: int, cond: Any, cols: Tensor
+    ) -> tuple[Tensor, int]:
+        """The continuations' UNet output for their next step: reused from the verified pair's x0 pass where the
+        (uniformly drawn) continuation is one of the pair, as the teacher mode reuses its candidates' pass. On CPU
+        only the others run; on CUDA all b rows run and the pair's rows are overwritten, so the graphed denoiser keeps
+        its static shapes. Returns the output and the UNet rows it cost."""
+        pair, pred2 = verified
+        b = x.shape[0]
+        hit = pair == nxt[None]  # [2, b]
+        covered = hit.any(0)
+        from_pair = pred2[hit.int().argmax(0), cols]  # the pair row equal to the continuation (any, where none)
+        if x.device.type == "cuda" or not bool(covered.any()):
+            out = self.denoiser(x, self._t(i_next, b, x.device), cond)
+            return torch.where(covered.view(-1, *[1] * (x.ndim - 1)), from_pair, out), b
+        out = from_pair.clone()
+        miss = (~covered).nonzero()[:, 0]
+        if len(miss):
+            out[miss] = self.denoiser(x[miss], self._t(i_next, len(miss), x.device), cond[miss.cpu()])
+        return out, len(miss)
 
     def _lookahead_x0(self, x: Tensor, pred: Tensor, t: int, cond: Any) -> tuple[Tensor, int]:
         """The candidates' x0 estimate for the scorer and the extra UNet rows it cost.

@@ -182,8 +182,11 @@ def test_verified_head_mode_lets_the_teacher_order_the_heads_pair():
     b, k = 3, 4
     res, den, teacher, head = _verify_run(k, True, b=b)
     assert teacher.rows == [2 * b] * len(res.log.scores)  # 2 of the k candidates per pool, final step included
-    # per non-final scored step: the pair's x0 estimate (2b rows) and the b continuations; the trunk b per step
-    assert res.unet_rows == sum(den.rows) == b * 3 + (len(res.log.scores) - 1) * 3 * b
+    # per non-final scored step: the pair's x0 estimate (2b rows), and the continuations that are not one of the pair
+    # (the pair's pass is reused for the others); the trunk b per step
+    misses = [int(((n != w) & (n != lo)).sum()) for n, w, lo in zip(res.log.next_index, res.log.win, res.log.lose)]
+    assert 0 < sum(misses[:-1]) < (len(misses) - 1) * b
+    assert res.unet_rows == sum(den.rows) == b * 3 + sum(2 * b + m for m in misses[:-1])
     n_valid = 0
     for s, hs, win, lose, valid in zip(res.log.scores, head.scores, res.log.win, res.log.lose, res.log.valid):
         hs = hs.view(k, b)
@@ -203,14 +206,32 @@ def test_verified_head_mode_lets_the_teacher_order_the_heads_pair():
 
 
 def test_verified_head_mode_with_two_candidates_is_the_teacher_mode():
-    """With k = 2 the head's pair is the whole pool: the same pairs, margins and final latents as the teacher mode
-    (the ledger draws continuations from its counter RNG, not from the scores)."""
+    """With k = 2 the head's pair is the whole pool: the same pairs, margins, final latents and UNet rows as the
+    teacher mode (the ledger draws continuations from its counter RNG, not from the scores; every continuation is one
+    of the pair, so its UNet output is reused as in the teacher mode)."""
     a, *_ = _verify_run(2, False)
     v, *_ = _verify_run(2, True)
+    assert v.unet_rows == a.unet_rows
     for name in ("win", "lose", "parent_win", "timesteps", "margin", "prompt_index"):
         torch.testing.assert_close(getattr(v.pairs, name), getattr(a.pairs, name), msg=name)
     torch.testing.assert_close(v.final, a.final)
     assert len(a.pairs) > 0
+
+
+def test_verified_head_mode_reuses_the_pairs_pass_without_changing_a_value(monkeypatch):
+    """Continuations that are one of the verified pair take the UNet output of the pair's x0 pass: the same pairs
+    and final latents as running the denoiser on every continuation, with fewer rows."""
+    reused, *_ = _verify_run(4, True)
+
+    def every_row(self, x, nxt, verified, i_next, cond, cols):
+        return self.denoiser(x, self._t(i_next, x.shape[0], x.device), cond), x.shape[0]
+
+    monkeypatch.setattr(PoolSampler, "_continuation_pred", every_row)
+    full, *_ = _verify_run(4, True)
+    for name in ("win", "lose", "parent_win", "margin"):
+        torch.testing.assert_close(getattr(reused.pairs, name), getattr(full.pairs, name), msg=name)
+    torch.testing.assert_close(reused.final, full.final)
+    assert reused.unet_rows < full.unet_rows
 
 
 def test_verified_head_mode_needs_a_head_and_a_scorer():
@@ -418,9 +439,9 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
     if not verify:
         assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
     else:
-        # trunk 5 b rows; each of the 3 non-final scored steps: the pair's 2-jump lookahead (2 x 2b) and the b
-        # continuations; the final step's pair is scored as x_0 (b = 2 prompts, CFG 2 rows each)
-        assert rec["unet_rows"]["sampling"] == (5 * 2 + 3 * 5 * 2) * 2
+        # trunk 5 b rows; each of the 3 non-final scored steps: the pair's 2-jump lookahead (2 x 2b) and the
+        # continuations that are not one of the pair (0..b); the final pair is scored as x_0 (b = 2, CFG 2 rows)
+        assert (5 * 2 + 3 * 4 * 2) * 2 <= rec["unet_rows"]["sampling"] <= (5 * 2 + 3 * 5 * 2) * 2
 
 
 def test_head_scores_for_recorded_pools_match_the_samplers_call():
