@@ -25,7 +25,8 @@ have the same form as in the teacher mode.
 
 Verified head mode (``head=`` and ``scorer=`` with ``verify_head=True``): the head proposes, the teacher decides.
 Per pool the head picks its best and worst candidate; only those two get the teacher's x0 estimate, decode and
-score (2b rows instead of k*b), and the pair's order and validity are the teacher's. Why: a head that is only
+score (2b rows instead of k*b; a continuation that is one of the pair reuses that UNet pass for its next step), and
+the pair's order and validity are the teacher's. Why: a head that is only
 partly aligned with the teacher's gradient (the toy world's direction head: cosine ~0.5) steers SPO along its own
 errors when its labels are trusted (on the toy world the held-out score never rose above 4.11 from 4.10 in 40
 iterations, against 4.67 with the teacher); with teacher-ordered pairs every update has a positive first-order
