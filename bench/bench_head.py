@@ -85,9 +85,12 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
     teacher_step = 2 * k * b * per["unet_row"] + k * b * (per["vae_decode"] + per["vit_h_224"])
     head_step = {e: 2 * b * per["unet_row"] + k * b * per[f"head_{e}"] for e in encs}
     # Verified head (one-step x0 as in the official SD1.5 sampler): the head on the k*b candidates, the UNet (CFG) on
-    # the proposed pair's 2b rows and the b continuations, decode + teacher on the pair only.
+    # the proposed pair's 2b rows and on the continuations that are not one of the pair (b (1 - 2/k) expected: the
+    # others reuse the pair's pass), decode + teacher on the pair only.
     verified = (
-        2 * 3 * b * per["unet_row"] + k * b * per["head_direction"] + 2 * b * (per["vae_decode"] + per["vit_h_224"])
+        2 * (2 + 1 - 2 / k) * b * per["unet_row"]
+        + k * b * per["head_direction"]
+        + 2 * b * (per["vae_decode"] + per["vit_h_224"])
     )
     return {
         "k": k,
