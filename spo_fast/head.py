@@ -47,6 +47,7 @@ preference head").
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -143,6 +144,22 @@ def tail_impl() -> str:
     return v
 
 
+def _fused_kernel(module: str, name: str, on_cuda: bool) -> Any:
+    """The fused kernel ``spo_fast.kernels.<module>.<name>`` when ``SPO_FAST_HEAD_IMPL`` asks for it (``triton``; or
+    ``auto`` with CUDA inputs) and Triton imports, else None (the caller runs its PyTorch reference). With ``triton``
+    a failed import is an error rather than a silent fallback."""
+    impl = tail_impl()
+    if not (impl == "triton" or (impl == "auto" and on_cuda)):
+        return None
+    try:
+        return getattr(importlib.import_module(f".kernels.{module}", __package__), name)
+    except ImportError as e:
+        if impl == "triton":
+            raise
+        logger.info("the fused kernel %s is unavailable (%s): using the PyTorch reference", module, e)
+        return None
+
+
 def score_tail(
     features: Tensor,
     pool: Tensor,
@@ -154,18 +171,8 @@ def score_tail(
 ) -> Tensor:
     """The head's scoring tail (see :func:`score_tail_ref`): the fused Triton kernel on CUDA tensors when Triton is
     importable (or ``SPO_FAST_HEAD_IMPL=triton``), the PyTorch reference otherwise. Same values, same gradients."""
-    impl = tail_impl()
-    use = impl == "triton" or (impl == "auto" and features.is_cuda)
-    if use:
-        try:
-            from .kernels.head_score import head_score_fused
-        except ImportError as e:
-            if impl == "triton":
-                raise
-            logger.info("the fused head tail is unavailable (%s): using the PyTorch reference", e)
-        else:
-            return head_score_fused(features, pool, weight, bias, text, text_index, logit_scale)
-    return score_tail_ref(features, pool, weight, bias, text, text_index, logit_scale)
+    fn = _fused_kernel("head_score", "head_score_fused", features.is_cuda) or score_tail_ref
+    return fn(features, pool, weight, bias, text, text_index, logit_scale)
 
 
 def direction_scores_ref(candidates: Tensor, direction: Tensor) -> Tensor:
@@ -181,17 +188,8 @@ def direction_scores(candidates: Tensor, direction: Tensor) -> Tensor:
     (``spo_fast.kernels.direction_score``: one streaming pass over the candidates, centring in registers) on CUDA
     tensors when Triton is importable (or ``SPO_FAST_HEAD_IMPL=triton``), the PyTorch reference otherwise. Same
     values, same gradients."""
-    impl = tail_impl()
-    if impl == "triton" or (impl == "auto" and candidates.is_cuda):
-        try:
-            from .kernels.direction_score import direction_score_fused
-        except ImportError as e:
-            if impl == "triton":
-                raise
-            logger.info("the fused direction tail is unavailable (%s): using the PyTorch reference", e)
-        else:
-            return direction_score_fused(candidates, direction)
-    return direction_scores_ref(candidates, direction)
+    fn = _fused_kernel("direction_score", "direction_score_fused", candidates.is_cuda) or direction_scores_ref
+    return fn(candidates, direction)
 
 
 # ------------------------------------------------------------------------------------------------ modules

@@ -327,6 +327,16 @@ def _toy():
     return comps, PromptEncoder(comps, device="cpu")
 
 
+def _toy_direction_head(path):
+    """A small untrained direction head for the toy model, saved through the checkpoint path real heads use."""
+    comps, _ = _toy()
+    arch = HeadArchConfig(encoder="direction", latent_channels=int(comps.unet.config.in_channels),
+                          text_dim=int(comps.text_encoders[0].config.hidden_size), width=8, depth=1,
+                          scheduler=scheduler_signature(comps.scheduler), base_model="toy")  # fmt: skip
+    torch.manual_seed(0)
+    return save_head(NoisyLatentPreferenceHead(arch), path)
+
+
 def test_teacher_gradient_matches_finite_differences():
     """The direction head's target: the teacher's gradient at the pool mean, through the lookahead jumps, the
     decoder and the (differentiable) toy scorer, checked against central differences along random directions."""
@@ -414,15 +424,9 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
     """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true]`: the trainer loads the
     head through the checkpoint path (compatibility checks included) and samples in head mode (or the verified head
     mode); the run writes its LoRA as usual."""
-    from spo_fast.head import scheduler_signature as sig
     from spo_fast.train import main
 
-    comps, _ = _toy()
-    arch = HeadArchConfig(encoder="direction", latent_channels=int(comps.unet.config.in_channels),
-                          text_dim=int(comps.text_encoders[0].config.hidden_size), width=8, depth=1,
-                          scheduler=sig(comps.scheduler), base_model="toy")  # fmt: skip
-    torch.manual_seed(0)
-    path = save_head(NoisyLatentPreferenceHead(arch), tmp_path / "head.pt")
+    path = _toy_direction_head(tmp_path / "head.pt")
     out = tmp_path / "run"
     args = ["--preference.head", str(path), "--train.iterations", "1", "--log.output_dir", str(out),
             "--log.progress", "false", "--data.num_eval_prompts", "2", "--sampling.batch_size", "2",
@@ -474,14 +478,7 @@ def test_bench_head_spo_section_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    from spo_fast.head import scheduler_signature as sig
-
-    comps, _ = _toy()
-    arch = HeadArchConfig(encoder="direction", latent_channels=int(comps.unet.config.in_channels),
-                          text_dim=int(comps.text_encoders[0].config.hidden_size), width=8, depth=1,
-                          scheduler=sig(comps.scheduler), base_model="toy")  # fmt: skip
-    torch.manual_seed(0)
-    path = save_head(NoisyLatentPreferenceHead(arch), tmp_path / "head.pt")
+    path = _toy_direction_head(tmp_path / "head.pt")
     out = tmp_path / "bench_head.json"
     cmd = [sys.executable, "bench_head.py", "--sections", "spo", "--head", str(path), "--spo-iterations", "1",
            "--eval-prompts", "2", "--spo-methods", "head", "head_verify", "--out", str(out)]  # fmt: skip
