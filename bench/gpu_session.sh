@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks in one command: the CUDA tests (the Triton kernels compiled, CUDA graphs, the CUDA
 # ledger path) and the GPU benchmarks, each under its own time limit so one slow step cannot eat the others.
-# Writes logs and JSON to $OUT (default bench/out/gpu). Expects the machine's torch/triton and diffusers importable
+# Writes one log (log.txt) and the benchmarks' JSON to $OUT (default bench/out/gpu). Expects the machine's torch/triton and diffusers importable
 # (on the lent GPU machine: wheels carried in .whl/, see ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash bench/gpu_session.sh [tests|loss|direction|e2e ...]     # default: all four, in this order
+#   bash bench/gpu_session.sh [tests|loss|direction|e2e ...]     # default: tests e2e loss direction
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -13,10 +13,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests loss direction e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction)
 
-$PY - <<'EOF' 2>&1 | tee "$OUT/env.txt"
-import platform, torch, triton
+# spo_fast.kernels is the top-level kernels/ folder mapped by setup.py: an editable install makes it importable.
+# The C++ extension is skipped (SPO_FAST_BUILD_EXT=0): nothing here needs it and CI tests it.
+if ! $PY -c "import spo_fast.kernels" 2>/dev/null; then
+  SPO_FAST_BUILD_EXT=${SPO_FAST_BUILD_EXT:-0} $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    >> "$OUT/log.txt" 2>&1 || echo "editable install failed (see log.txt)" | tee -a "$OUT/log.txt"
+fi
+
+$PY - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+import platform, torch, triton, spo_fast.kernels
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
@@ -29,21 +36,22 @@ EOF
 
 for step in "${steps[@]}"; do
   t0=$(date +%s)
+  echo "== $step" >> "$OUT/log.txt"
   case $step in
     tests)
       # Kernel test files run compiled on the GPU (their CPU shapes too); -m cuda adds the GPU-only tests elsewhere.
-      timeout 170 $PY -m pytest -q -p no:cacheprovider --timeout 90 --maxfail 10 -rs --durations 15 \
+      timeout 150 $PY -m pytest -q -p no:cacheprovider --timeout 90 --maxfail 10 -rs --durations 15 \
         tests/test_kernel_spo_loss.py tests/test_head_kernel.py tests/test_direction_kernel.py \
-        tests/test_cuda_graphs.py tests/test_ledger.py > "$OUT/pytest.log" 2>&1 ;;
+        tests/test_cuda_graphs.py tests/test_ledger.py >> "$OUT/log.txt" 2>&1 ;;
     loss)
-      timeout 90 $PY bench/bench_loss.py --repeats 100 --out "$OUT/bench_loss.json" > "$OUT/bench_loss.log" 2>&1 ;;
+      timeout 80 $PY bench/bench_loss.py --repeats 100 --out "$OUT/bench_loss.json" >> "$OUT/log.txt" 2>&1 ;;
     direction)
-      timeout 60 $PY bench/bench_direction_tail.py --repeats 100 --out "$OUT/bench_direction_tail.json" \
-        > "$OUT/bench_direction_tail.log" 2>&1 ;;
+      timeout 50 $PY bench/bench_direction_tail.py --repeats 100 --out "$OUT/bench_direction_tail.json" \
+        >> "$OUT/log.txt" 2>&1 ;;
     e2e)
-      timeout 260 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify \
-        --warmup 1 --iters 2 --out "$OUT/bench_e2e_full.json" > "$OUT/bench_e2e_full.log" 2>&1 ;;
+      timeout 250 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify \
+        --warmup 1 --iters 2 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
-  echo "== $step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.txt"
+  echo "== $step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/log.txt"
 done
