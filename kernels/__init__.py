@@ -17,10 +17,18 @@ if __name__ == "kernels":
     _paths = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _paths)
     if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the repository's kernels/ folder is spo_fast.kernels, not that package)",
-            name="kernels",
-        )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module
-    _spec.loader.exec_module(_module)
+        # That package is not installed. Raising here would break transformers (its availability check imports a
+        # name that find_spec located, here this folder, without catching): instead look like what it treats as a
+        # folder shadowing a package, a namespace package with no file and no version, so it reports "absent".
+        __file__ = None
+        __path__: list[str] = []
+
+        def __getattr__(name: str):
+            raise AttributeError(
+                f"module 'kernels' has no attribute {name!r}: this is the repository's kernels/ folder (import it as "
+                "spo_fast.kernels), and Hugging Face's kernels package is not installed"
+            )
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)

@@ -681,8 +681,12 @@ class PairLedger:
         if not self._pending:
             return
         pend, self._pending = self._pending, []
-        ints = torch.stack([torch.stack([s.win, s.lose, p, s.valid.long()]) for _, _, s, p in pend]).cpu()  # [S, 4, b]
-        margins = torch.stack([s.margin.float() for _, _, s, _ in pend]).cpu()
+        # One device for the stack: the sampler's parent index can live on the host while the selection is on CUDA.
+        dev = pend[0][2].win.device
+        ints = torch.stack(
+            [torch.stack([t.to(dev, torch.int64) for t in (s.win, s.lose, p, s.valid)]) for _, _, s, p in pend]
+        ).cpu()  # [S, 4, b]
+        margins = torch.stack([s.margin.to(dev, torch.float32) for _, _, s, _ in pend]).cpu()
         for i, (step, timestep, _, _) in enumerate(pend):
             w, lo, p, v = ints[i]
             self._core.record(step, timestep, w.numpy(), lo.numpy(), v.bool().numpy(), margins[i].numpy(), p.numpy())

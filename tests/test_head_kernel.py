@@ -70,5 +70,7 @@ def test_dispatch_and_bad_inputs(monkeypatch):
 def test_zero_feature_row_is_finite():
     f, pool, weight, bias, text, idx, ls = make(2, 3, 2, 2, 4, 1, (1, 2), torch.float32)
     bias = torch.zeros_like(bias)
-    out, g = grads(K.head_score_fused, torch.zeros_like(f), pool, weight, bias, text, idx, ls, torch.ones(2))
+    out, g = grads(
+        K.head_score_fused, torch.zeros_like(f), pool, weight, bias, text, idx, ls, torch.ones(2, device=DEVICE)
+    )
     assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g)

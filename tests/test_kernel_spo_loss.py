@@ -381,7 +381,7 @@ def test_cuda_full_size(sd_scheduler, size, dtype):
     if dtype == torch.float32:
         for a, e in zip(got, ref32):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ggot, g32, rtol=1e-4, atol=1e-9)
+        assert_grad_close(ggot, g32)
     else:
         for name, a, e_lp, e32 in zip(NAMES, got, ref_lp, ref32):
             assert max_err(a, e32) <= 2 * max_err(e_lp, e32) + 1e-5, name
