@@ -273,6 +273,11 @@ def run_timed(mode: Mode, it: int, device: torch.device, record: bool) -> None:
         mode.iteration_peak_bytes = max(mode.iteration_peak_bytes, torch.cuda.max_memory_allocated() - base)
     if record:
         mode.records.append(rec)
+    # Progress in the log: a run stopped by a time limit still shows what each iteration cost.
+    phases = " ".join(f"{k} {v:.2f}" for k, v in rec.phases.items())
+    logger.info(
+        "iteration %d%s: %.2f s, %d pairs (%s)", it, "" if record else " (warm-up)", rec.seconds, rec.pairs, phases
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
