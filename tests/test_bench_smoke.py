@@ -26,3 +26,20 @@ def test_run_all_quick(tmp_path):
     assert {r["method"] for r in eff["rows"]} == {"spo", "dpo"}
     # the equal-compute comparison is defined whether or not DPO rises above its start
     assert {"spo_gain_at_equal_unet_rows", "dpo_gain_at_equal_unet_rows"} <= set(eff["summary"])
+
+
+def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
+    """bench/gpu_session.sh (the README's GPU-machine command): one step on CPU writes its JSON and the shared log."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "direction"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "torch" in log and "== direction: rc 0" in log
+    res = json.loads((tmp_path / "bench_direction_tail.json").read_text())
+    assert res["rows"]
+    bad = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown step nope" in bad.stdout
