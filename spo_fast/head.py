@@ -316,7 +316,9 @@ class NoisyLatentPreferenceHead(nn.Module):
         unet = self._unet[0]
         ctx = nullcontext()
         if getattr(unet, "_hf_peft_config_loaded", False):
-            ctx = _AdaptersDisabled(unet)
+            from .pipeline import adapters_disabled
+
+            ctx = adapters_disabled(unet)
         dtype = next(unet.parameters()).dtype
         with ctx, torch.no_grad():
             emb = unet.time_embedding(unet.time_proj(t).to(dtype))
@@ -436,17 +438,6 @@ class NoisyLatentPreferenceHead(nn.Module):
             if diff:
                 parts = ", ".join(f"{k}: head {a!r} vs scheduler {b!r}" for k, (a, b) in diff.items())
                 raise HeadMismatchError(f"{what} was trained for another noise schedule ({parts})")
-
-
-class _AdaptersDisabled:
-    def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
-
-    def __enter__(self) -> None:
-        self.unet.disable_adapters()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.unet.enable_adapters()
 
 
 # ------------------------------------------------------------------------------------------------ sampler adapter

@@ -23,7 +23,15 @@ from .cuda_graphs import maybe_graph
 from .distributed import DistributedContext, digest, load_deepspeed_config, require_deepspeed
 from .ledger import PairLedger
 from .loss import CFGPrediction, spo_log_ratio, spo_loss_from_log_ratios, spo_loss_per_pair
-from .pipeline import CFGDenoiser, DiffusionComponents, PromptEncoder, add_lora, load_components, save_lora
+from .pipeline import (
+    CFGDenoiser,
+    DiffusionComponents,
+    PromptEncoder,
+    adapters_disabled,
+    add_lora,
+    load_components,
+    save_lora,
+)
 from .precision import autocast as precision_autocast
 from .precision import enable_tf32, resolve_dtype
 from .sampler import PoolPairs, PoolSampler, PoolSamplerConfig, ddim_sample
@@ -515,18 +523,9 @@ class SPOTrainer:
         return spo_loss_from_log_ratios(lr_w, lr_l, t.beta, t.eps)
 
     def _adapters_disabled(self):
-        unet = self.components.unet
         if self.ref_unet is not None:
             return nullcontext()
-
-        class _Ctx:
-            def __enter__(self_inner):
-                unet.disable_adapters()
-
-            def __exit__(self_inner, *exc):
-                unet.enable_adapters()
-
-        return _Ctx()
+        return adapters_disabled(self.components.unet)
 
     def train_on(self, pairs: PoolPairs, prompts: list[str], iteration: int) -> dict[str, float]:
         t = self.cfg.train

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_pipeline
 
-from spo_fast.pipeline import add_lora, load_components, save_lora
+from spo_fast.pipeline import adapters_disabled, add_lora, load_components, save_lora
 from spo_fast.preference import make_tiny_step_aware_model
 from spo_fast.train import main
 
@@ -74,6 +74,35 @@ def test_lora_round_trip_through_load_lora_weights(tiny_world, tmp_path, kind):
         base = comp.unet(x, t, emb, added_cond_kwargs=added).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert (ours - base).abs().max() > 1e-3, "the adapter must change the output for this test to mean anything"
+
+
+def test_adapters_disabled_is_the_base_model_and_restores_the_adapter(tiny_world):
+    """SPO's reference under LoRA: the same UNet with its adapters off. The cached toggle must give exactly the
+    output of the base weights (diffusers' own disable_adapters), and afterwards the trained adapter again, with
+    its parameters still trainable; a second adapter set invalidates the cache."""
+    comp = load_components(str(tiny_world["sd15"]))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20])
+    emb = torch.randn(2, 5, comp.unet.config.cross_attention_dim, generator=g)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        adapters_disabled(comp.unet)
+    with torch.no_grad():
+        plain = comp.unet(x, t, emb).sample
+    params = add_lora(comp.unet, rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        lora = comp.unet(x, t, emb).sample
+        with adapters_disabled(comp.unet):
+            ref = comp.unet(x, t, emb).sample
+        again = comp.unet(x, t, emb).sample
+    assert (lora - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ref, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, lora, rtol=0, atol=0)
+    assert all(p.requires_grad for p in params)
+    first = adapters_disabled(comp.unet).layers
+    comp.unet.add_adapter(type(comp.unet.peft_config["default"])(r=2, target_modules=["to_q"]), "second")
+    assert adapters_disabled(comp.unet).layers is not first
 
 
 def test_bad_model_inputs_fail_early(tiny_world, tmp_path, capsys):
