@@ -199,7 +199,12 @@ class _OracleDirection:
 
 
 def spo_section(
-    head_path: str, iterations: int, eval_prompts: int, methods: tuple[str, ...] = SPO_METHODS, seed: int = 0
+    head_path: str,
+    iterations: int,
+    eval_prompts: int,
+    methods: tuple[str, ...] = SPO_METHODS,
+    seed: int = 0,
+    threshold: float | None = None,
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
@@ -213,7 +218,9 @@ def spo_section(
     out: dict[str, Any] = {}
     for method in methods:
         with tempfile.TemporaryDirectory() as tmp:
-            sampling = {"num_candidates": 2} if method == "teacher_k2" else {}
+            sampling: dict[str, Any] = {"num_candidates": 2} if method == "teacher_k2" else {}
+            if threshold is not None:  # the pair rule's margin threshold (default: the toy preset's)
+                sampling["threshold"] = threshold
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--spo-iterations", type=int, default=8)
     ap.add_argument("--spo-methods", nargs="+", default=list(SPO_METHODS), choices=SPO_METHODS)
     ap.add_argument("--spo-seed", type=int, default=0, help="the SPO runs' train.seed (prompts, noise, LoRA init)")
+    ap.add_argument("--spo-threshold", type=float, default=None, help="the SPO runs' pair threshold (default: preset)")
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -275,8 +283,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "spo" in args.sections:
         if not args.head:
             ap.error("--sections spo needs --head (train one with python -m spo_fast.train_head)")
-        s = spo_section(args.head, args.spo_iterations, args.eval_prompts, tuple(args.spo_methods), args.spo_seed)
+        s = spo_section(
+            args.head,
+            args.spo_iterations,
+            args.eval_prompts,
+            tuple(args.spo_methods),
+            args.spo_seed,
+            args.spo_threshold,
+        )
         payload["spo"] = s
+        payload["spo_threshold"] = args.spo_threshold
         for m, curve in s.items():
             last = curve[-1]
             print(
