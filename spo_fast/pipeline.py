@@ -286,8 +286,8 @@ def add_lora(
     return params
 
 
-# UNet -> (its adapter names, its peft adapter layers), found once per UNet and adapter set.
-_LORA_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[nn.Module]]]
+# UNet -> (its adapters, its peft adapter layers), found once per UNet and adapter set.
+_LORA_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, int], ...], list[nn.Module]]]
 _LORA_LAYERS = weakref.WeakKeyDictionary()
 
 
@@ -302,7 +302,8 @@ class adapters_disabled:  # noqa: N801 (used as a context manager, like torch.no
     def __init__(self, unet: nn.Module) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        key = tuple(getattr(unet, "peft_config", {}) or ())
+        # Names and config objects: an adapter removed and added again under the same name gets a new config.
+        key = tuple((name, id(c)) for name, c in (getattr(unet, "peft_config", None) or {}).items())
         if not key:
             raise ValueError("the UNet has no LoRA adapter to disable (add one with spo_fast.pipeline.add_lora)")
         cached = _LORA_LAYERS.get(unet)

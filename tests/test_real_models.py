@@ -101,8 +101,13 @@ def test_adapters_disabled_is_the_base_model_and_restores_the_adapter(tiny_world
     torch.testing.assert_close(again, lora, rtol=0, atol=0)
     assert all(p.requires_grad for p in params)
     first = adapters_disabled(comp.unet).layers
-    comp.unet.add_adapter(type(comp.unet.peft_config["default"])(r=2, target_modules=["to_q"]), "second")
-    assert adapters_disabled(comp.unet).layers is not first
+    lora_config = type(comp.unet.peft_config["default"])
+    comp.unet.add_adapter(lora_config(r=2, target_modules=["to_q"]), "second")
+    second = adapters_disabled(comp.unet).layers
+    assert second is not first
+    comp.unet.delete_adapters("second")  # and again under the same name: a new adapter, so the layers are found anew
+    comp.unet.add_adapter(lora_config(r=2, target_modules=["to_k"]), "second")
+    assert adapters_disabled(comp.unet).layers is not second
 
 
 def test_bad_model_inputs_fail_early(tiny_world, tmp_path, capsys):
