@@ -12,6 +12,7 @@ OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
+REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction)
 
@@ -44,9 +45,9 @@ for step in "${steps[@]}"; do
         tests/test_kernel_spo_loss.py tests/test_head_kernel.py tests/test_direction_kernel.py \
         tests/test_cuda_graphs.py tests/test_ledger.py >> "$OUT/log.txt" 2>&1 ;;
     loss)
-      timeout 80 $PY bench/bench_loss.py --repeats 100 --out "$OUT/bench_loss.json" >> "$OUT/log.txt" 2>&1 ;;
+      timeout 80 $PY bench/bench_loss.py --repeats "$REPEATS" --out "$OUT/bench_loss.json" >> "$OUT/log.txt" 2>&1 ;;
     direction)
-      timeout 50 $PY bench/bench_direction_tail.py --repeats 100 --out "$OUT/bench_direction_tail.json" \
+      timeout 50 $PY bench/bench_direction_tail.py --repeats "$REPEATS" --out "$OUT/bench_direction_tail.json" \
         >> "$OUT/log.txt" 2>&1 ;;
     e2e)
       # One warm-up and one timed iteration per mode: on an H200 an iteration takes ~19-24 s (official, fast) and

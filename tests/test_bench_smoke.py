@@ -32,7 +32,7 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     """bench/gpu_session.sh (the README's GPU-machine command): one step on CPU writes its JSON and the shared log."""
     import os
 
-    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "REPEATS": "3"}  # the step's time limit is 50 s
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu_session.sh"), "direction"], env=env, capture_output=True, text=True, timeout=300
     )
