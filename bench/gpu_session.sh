@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # One GPU session's checks in one command: the CUDA tests (the Triton kernels compiled, CUDA graphs, the CUDA
 # ledger path) and the GPU benchmarks, each under its own time limit so one slow step cannot eat the others.
-# Writes one log (log.txt) and the benchmarks' JSON to $OUT (default bench/out/gpu). Expects the machine's torch/triton and diffusers importable
-# (on the lent GPU machine: wheels carried in .whl/, see ../shared/gpu/README.md):
+# Writes one log (log.txt) and the benchmarks' JSON to $OUT (default bench/out/gpu). Expects the machine's
+# torch/triton and diffusers importable (on the lent GPU machine: wheels carried in .whl/, see
+# ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   bash bench/gpu_session.sh [tests|loss|direction|e2e ...]     # default: tests e2e loss direction
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction)
+# Unknown steps fail before any install or import.
+for step in "${steps[@]}"; do
+  case $step in tests|e2e|loss|direction) ;; *) echo "unknown step $step (steps: tests e2e loss direction)"; exit 2 ;; esac
+done
+mkdir -p "$OUT"
 
 # spo_fast.kernels is the top-level kernels/ folder mapped by setup.py: an editable install makes it importable.
 # The C++ extension is skipped (SPO_FAST_BUILD_EXT=0): nothing here needs it and CI tests it.
@@ -54,7 +59,6 @@ for step in "${steps[@]}"; do
       # building a mode ~15-25 s, so four modes need ~4-5 minutes (two timed iterations did not fit in 250 s).
       timeout 330 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify \
         --warmup 1 --iters 1 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
-    *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "== $step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/log.txt"
 done

@@ -41,5 +41,10 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     assert "torch" in log and "== direction: rc 0" in log
     res = json.loads((tmp_path / "bench_direction_tail.json").read_text())
     assert res["rows"]
-    bad = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), "nope"], env=env, capture_output=True, text=True)
+    bad_out = tmp_path / "bad"
+    bad = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "direction", "nope"],
+        env={**env, "OUT": str(bad_out)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert bad.returncode == 2 and "unknown step nope" in bad.stdout
+    assert not bad_out.exists(), "an unknown step must fail before any work"
