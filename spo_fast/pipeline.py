@@ -287,7 +287,7 @@ def add_lora(
 
 
 # UNet -> (its adapters, its peft adapter layers), found once per UNet and adapter set.
-_LORA_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, int], ...], list[nn.Module]]]
+_LORA_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[list[tuple[str, Any]], list[nn.Module]]]
 _LORA_LAYERS = weakref.WeakKeyDictionary()
 
 
@@ -302,12 +302,17 @@ class adapters_disabled:  # noqa: N801 (used as a context manager, like torch.no
     def __init__(self, unet: nn.Module) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        # Names and config objects: an adapter removed and added again under the same name gets a new config.
-        key = tuple((name, id(c)) for name, c in (getattr(unet, "peft_config", None) or {}).items())
+        # Names and config objects: an adapter removed and added again under the same name gets a new config. The
+        # cache holds the configs themselves (compared by identity), so a freed config's id cannot be reused.
+        key = list((getattr(unet, "peft_config", None) or {}).items())
         if not key:
             raise ValueError("the UNet has no LoRA adapter to disable (add one with spo_fast.pipeline.add_lora)")
         cached = _LORA_LAYERS.get(unet)
-        if cached is None or cached[0] != key:
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or any(n != m or c is not d for (n, c), (m, d) in zip(cached[0], key))
+        ):
             cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
             _LORA_LAYERS[unet] = cached
         self.layers = cached[1]
