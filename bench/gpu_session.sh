@@ -6,7 +6,7 @@
 # ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash bench/gpu_session.sh [tests|loss|direction|e2e ...]     # default: tests e2e loss direction
+#   bash bench/gpu_session.sh [tests|e2e|loss|direction|layout|cli ...]   # default: all six, in that order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -14,10 +14,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction)
+[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction layout cli)
 # Unknown steps fail before any install or import.
 for step in "${steps[@]}"; do
-  case $step in tests|e2e|loss|direction) ;; *) echo "unknown step $step (steps: tests e2e loss direction)"; exit 2 ;; esac
+  case $step in tests|e2e|loss|direction|layout|cli) ;;
+    *) echo "unknown step $step (steps: tests e2e loss direction layout cli)"; exit 2 ;;
+  esac
 done
 mkdir -p "$OUT"
 
@@ -59,6 +61,14 @@ for step in "${steps[@]}"; do
       # building a mode ~15-25 s, so four modes need ~4-5 minutes (two timed iterations did not fit in 250 s).
       timeout 330 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify \
         --warmup 1 --iters 1 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
+    layout)
+      # NCHW vs channels_last (and cuDNN autotuning) for the VAE decode and the UNet at SD1.5 size, bf16: ~1 min.
+      timeout 90 $PY bench/bench_conv_layout.py --dtypes bf16 --repeats 10 --out "$OUT/bench_conv_layout.json" \
+        >> "$OUT/log.txt" 2>&1 ;;
+    cli)
+      # python -m spo_fast.train / train_head / torchrun on the device, resume and LoRA export included: ~2-3 min.
+      timeout 200 $PY bench/cli_check.py --device "${CLI_DEVICE:-cuda}" --iterations 2 --out "$OUT/cli_check.json" \
+        >> "$OUT/log.txt" 2>&1 ;;
   esac
   echo "== $step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/log.txt"
 done
