@@ -1,10 +1,13 @@
 """The README's benchmark commands run: bench/run_all.py --quick over the loss, resampler, efficiency and
-direction-tail benches (bench_e2e has its own test), each writing JSON with the environment and its rows."""
+direction-tail benches (bench_e2e has its own test), each writing JSON with the environment and its rows; the GPU
+session script and its conv-layout and command-line checks, on CPU."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).parents[1] / "bench"
 
@@ -48,3 +51,45 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown step nope" in bad.stdout
     assert not bad_out.exists(), "an unknown step must fail before any work"
+
+
+def test_conv_layout_bench_small(tmp_path):
+    """bench_conv_layout.py (gpu_session.sh layout): every model x layout row, and channels_last gives the NCHW
+    result (a layout change must not change the numbers beyond rounding)."""
+    out = tmp_path / "layout.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "bench_conv_layout.py"), "--scale", "small", "--repeats", "2", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["layout"]) for r in rows} == {
+        (m, lay) for m in ("vae_decode", "unet") for lay in ("nchw", "channels_last")
+    }
+    for r in rows:
+        assert r["median_ms"] > 0 and r["max_rel_diff"] < 1e-4, r
+        if r["layout"] == "nchw" and not r["cudnn_benchmark"]:
+            assert r["vs_nchw"] == 1.0 and r["max_rel_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_check_runs_every_command_on_cpu(tmp_path):
+    """bench/cli_check.py (gpu_session.sh cli) on CPU: train, resume, the LoRA through diffusers' loader, train_head,
+    both head modes and a one-process torchrun all succeed, and the JSON holds what each produced."""
+    out = tmp_path / "cli.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "cli_check.py"), "--device", "cpu", "--iterations", "2", "--head-steps", "10",
+         "--eval-prompts", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["failed"] == []
+    steps = [s["step"] for s in res["steps"]]
+    assert steps == ["train", "resume", "load_lora_weights", "train_head", "spo_verified_head", "spo_head_alone",
+                     "torchrun_1proc"]  # fmt: skip
+    r = res["results"]
+    assert [i for i in r["spo"]["iterations_logged"] if i] == [1, 2, 3, 4], "the resume must continue to 4"
+    assert r["lora"]["unet_output_change"] > 1e-6
+    assert r["head"]["heldout_overall"]["pools"] > 0
+    for name in ("spo_verified_head", "spo_head_alone", "ddp"):
+        assert [p for p in r[name]["pairs"] if p is not None], name
