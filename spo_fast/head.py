@@ -233,10 +233,6 @@ class HeadArchConfig:
     downsample: int = 0  # stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2 -> 16x16)
     embed_dim: int = 128
     levels: list = field(default_factory=lambda: [1, 2, 4])
-    # Direction encoder: two coordinate channels (x, y in [-1, 1]) next to its inputs. Prompts say where things go
-    # ("on the left"), and the text reaches the conv net only as a global modulation: without coordinates the net
-    # can place its answer only through the zero padding. Heads saved before this field load with False.
-    coords: bool = False
     scheduler: dict = field(default_factory=dict)  # scheduler_signature() of the base model's scheduler
     base_model: str = ""
 
@@ -284,7 +280,7 @@ class NoisyLatentPreferenceHead(nn.Module):
             self._unet = []
             c = config.latent_channels
             # Input: the pool mean and the parent's x0 estimate (both [C, h, w]); output: a latent-shaped direction.
-            self.conv_in = nn.Conv2d(2 * c + (2 if config.coords else 0), w, 3, padding=1)
+            self.conv_in = nn.Conv2d(2 * c, w, 3, padding=1)
             self.blocks = nn.ModuleList([AdaLNResBlock(w, w) for _ in range(config.depth)])
             self.conv_out = nn.Conv2d(w, c, 3, padding=1)
             self.text_proj = nn.Sequential(nn.Linear(config.text_dim, w), nn.SiLU(), nn.Linear(w, w))
@@ -374,14 +370,7 @@ class NoisyLatentPreferenceHead(nn.Module):
                 f"for {c} latent channels (base model {self.config.base_model or '?'})"
             )
         cond = self.t_embedder(timestep_embedding(timesteps.to(mean.device))) + text
-        inputs = [mean.float(), parent_x0.float()]
-        if self.config.coords:
-            b, _, hh, ww = mean.shape
-            ys = torch.linspace(-1.0, 1.0, hh, device=mean.device)
-            xs = torch.linspace(-1.0, 1.0, ww, device=mean.device)
-            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # [2, h, w]
-            inputs.append(grid.expand(b, -1, -1, -1))
-        h = self.conv_in(torch.cat(inputs, 1))
+        h = self.conv_in(torch.cat([mean.float(), parent_x0.float()], 1))
         for blk in self.blocks:
             h = blk(h, cond)
         return self.conv_out(F.silu(h))

@@ -54,7 +54,6 @@ class HeadModelConfig:
     downsample: int = _f(0, "stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2)")
     embed_dim: int = _f(128, "joint image/text embedding width")
     levels: list = _f([1, 2, 4], "pyramid pooling grid sizes of the tail")
-    coords: bool = _f(False, "direction head: coordinate channels (x, y) beside the pool mean and the parent's x0")
 
 
 @dataclass
@@ -217,7 +216,6 @@ class HeadDistiller:
             downsample=cfg.model.downsample,
             embed_dim=cfg.model.embed_dim,
             levels=list(cfg.model.levels),
-            coords=cfg.model.coords,
             scheduler=scheduler_signature(self.components.scheduler),
             base_model=cfg.model.pretrained,
         )
