@@ -6,7 +6,7 @@
 # ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash bench/gpu_session.sh [tests|e2e|loss|direction|layout|cli ...]   # default: all six, in that order
+#   bash bench/gpu_session.sh [tests|e2e|loss|direction|layout|refbatch|cli ...]   # default: all, in that order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -14,11 +14,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction layout cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction layout refbatch cli)
 # Unknown steps fail before any install or import.
 for step in "${steps[@]}"; do
-  case $step in tests|e2e|loss|direction|layout|cli) ;;
-    *) echo "unknown step $step (steps: tests e2e loss direction layout cli)"; exit 2 ;;
+  case $step in tests|e2e|loss|direction|layout|refbatch|cli) ;;
+    *) echo "unknown step $step (steps: tests e2e loss direction layout refbatch cli)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -65,6 +65,10 @@ for step in "${steps[@]}"; do
       # NCHW vs channels_last (and cuDNN autotuning) for the VAE decode and the UNet at SD1.5 size, bf16: ~1 min.
       timeout 90 $PY bench/bench_conv_layout.py --dtypes bf16 --repeats 10 --out "$OUT/bench_conv_layout.json" \
         >> "$OUT/log.txt" 2>&1 ;;
+    refbatch)
+      # The training phase at SD1.5 size with the reference per micro-batch vs ahead in larger forwards: ~1-2 min.
+      timeout 150 $PY bench/bench_reference_batches.py --scale full --repeats 3 --settings 1 4 \
+        --out "$OUT/bench_reference_batches.json" >> "$OUT/log.txt" 2>&1 ;;
     cli)
       # python -m spo_fast.train / train_head / torchrun on the device, resume and LoRA export included: ~2-3 min.
       timeout 200 $PY bench/cli_check.py --device "${CLI_DEVICE:-cuda}" --iterations 2 --out "$OUT/cli_check.json" \

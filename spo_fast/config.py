@@ -102,6 +102,11 @@ class TrainConfig:
     beta: float = _f(10.0, "SPO/DPO inverse temperature")
     eps: float = _f(0.1, "ratio clip: ratios are clamped to [1 - eps, 1 + eps]")
     train_cfg: bool = _f(True, "apply CFG to policy and reference predictions in the loss (official)")
+    reference_batches: int = _f(
+        4,
+        "micro-batches whose frozen-reference predictions one no-grad forward computes, ahead of their optimizer "
+        "steps (same values, fewer and larger forwards); 1 = one reference forward per micro-batch (official)",
+    )
     mixed_precision: str = _f("no", "no | bf16: autocast the UNet forwards")
     seed: int = _f(0, "seed of every random stream (prompts, noise, continuation, shuffling)")
     device: str = _f("auto", "auto | cpu | cuda")

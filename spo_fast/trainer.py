@@ -90,6 +90,7 @@ def validate_config(cfg: SPOConfig) -> None:
         ("train.grad_accum", t.grad_accum, 1),
         ("train.inner_epochs", t.inner_epochs, 1),
         ("train.iterations", t.iterations, 1),
+        ("train.reference_batches", t.reference_batches, 1),
     ):
         if v < lo:
             raise ValueError(f"{key} must be >= {lo}, got {v}")
@@ -492,21 +493,47 @@ class SPOTrainer:
                 return CFGPrediction(u, c, denoiser.guidance_scale)
             return denoiser.unet_forward(x, t, cond)
 
-    def pair_loss(self, pairs: PoolPairs, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-pair loss and clipped ratios: one policy forward (grad) and one reference forward per parent."""
+    def _pair_inputs(self, pairs: PoolPairs, prompts: list[str]) -> tuple[Tensor, Tensor, Any]:
+        """The UNet inputs of a batch of pairs: parents ``x``, timesteps and prompt embeddings (win and lose rows
+        stacked when they have their own parents)."""
         cond = self.encoder([prompts[i] for i in pairs.prompt_index.tolist()])
-        sched, s, t = self.components.scheduler, self.cfg.sampling, self.cfg.train
         ts = pairs.timesteps.to(self.device)
         if pairs.shared_parent:
-            x = pairs.parent_win
-        else:  # win and lose have their own parents (inner steps / trajectory-level): both in one batch
-            x = torch.cat([pairs.parent_win, pairs.parent_lose])
-            cond = type(cond).cat([cond, cond])
-            ts = torch.cat([ts, ts])
-        policy = self._predict(self.train_policy, x, ts, cond)
-        with torch.no_grad(), self._adapters_disabled():
+            return pairs.parent_win, ts, cond
+        # win and lose have their own parents (inner steps / trajectory-level): both in one batch
+        return torch.cat([pairs.parent_win, pairs.parent_lose]), torch.cat([ts, ts]), type(cond).cat([cond, cond])
+
+    @torch.no_grad()
+    def _reference(self, x: Tensor, ts: Tensor, cond: Any) -> Tensor:
+        with self._adapters_disabled():
             ref = self._predict(self.reference, x, ts, cond)
-            ref = ref.combined() if isinstance(ref, CFGPrediction) else ref
+        return ref.combined() if isinstance(ref, CFGPrediction) else ref
+
+    def reference_predictions(self, pairs: PoolPairs, prompts: list[str], index: Tensor) -> Tensor:
+        """The frozen reference's predictions for the pairs ``index`` (``[len(index), ...]``, or ``[2 len(index),
+        ...]`` win rows then lose rows when the pairs have their own parents), in no-grad forwards of
+        ``train.reference_batches * train.batch_size`` pairs."""
+        chunk = self.cfg.train.reference_batches * self.cfg.train.batch_size
+        wins, loses = [], []
+        for i in range(0, len(index), chunk):
+            part = pairs.select(index[i : i + chunk]).to(self.device)
+            ref = self._reference(*self._pair_inputs(part, prompts))
+            wins.append(ref[: len(part)])
+            loses.append(ref[len(part) :])
+        if pairs.shared_parent:
+            return torch.cat(wins)
+        return torch.cat(wins + loses)
+
+    def pair_loss(
+        self, pairs: PoolPairs, prompts: list[str], ref: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-pair loss and clipped ratios: one policy forward (grad) and one reference forward per parent.
+        ``ref``: the reference's predictions when already computed (:meth:`reference_predictions`)."""
+        sched, s, t = self.components.scheduler, self.cfg.sampling, self.cfg.train
+        x, ts, cond = self._pair_inputs(pairs, prompts)
+        policy = self._predict(self.train_policy, x, ts, cond)
+        if ref is None:
+            ref = self._reference(x, ts, cond)
         n = len(pairs)
         self.unet_rows["training"] += x.shape[0] * (2 if t.train_cfg and s.guidance_scale > 1 else 1) * 4
         if pairs.shared_parent:
@@ -533,18 +560,35 @@ class SPOTrainer:
         logs: dict[str, list[float]] = {"loss": [], "ratio_win": [], "ratio_lose": [], "grad_norm": []}
         if n == 0:
             return {}
-        self.components.unet.train()
+        plan = []
         for epoch in range(t.inner_epochs):
             order = self.ledger.epoch_order(iteration * t.inner_epochs + epoch, n)
             order = self.ledger.shard(order, self.rank, self.world_size)
-            batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+            plan.append([order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)])
+        refs = None
+        if t.reference_batches > 1:
+            # The reference is frozen: its predictions for every pair this rank trains on come from a few large
+            # no-grad forwards before the first optimizer step (per-call overhead paid once per chunk, not per
+            # micro-batch). Every rank holds equally many pairs, so all run equally many forwards (ZeRO-3 gathers).
+            index = torch.unique(torch.cat([idx for batches in plan for idx in batches]))
+            ref_rows = self.reference_predictions(pairs, prompts, index)
+            slot = torch.full((n,), -1, dtype=torch.long)
+            slot[index] = torch.arange(len(index))
+            refs = (slot, ref_rows, len(index))
+        self.components.unet.train()
+        for batches in plan:
             for bi, idx in enumerate(batches):
                 # Every rank holds the same number of micro-batches (equal shards), so all reach the sync together.
                 sync = (bi + 1) % t.grad_accum == 0 or bi == len(batches) - 1
                 mb = pairs.select(idx).to(self.device)
                 # DeepSpeed accumulates on its own (set_gradient_accumulation_boundary below); DDP needs no_sync.
                 with self.dist.maybe_no_sync(self.train_unet if self.engine is None else None, sync):
-                    per_pair, rw, rl = self.pair_loss(mb, prompts)
+                    ref = None
+                    if refs is not None:
+                        slot, rows, m = refs
+                        at = slot[idx].to(rows.device)
+                        ref = rows[at] if pairs.shared_parent else torch.cat([rows[at], rows[at + m]])
+                    per_pair, rw, rl = self.pair_loss(mb, prompts, ref=ref)
                     loss = per_pair.mean()
                     finite = bool(torch.isfinite(loss))
                     # Collective, so that every rank stops (one rank raising alone would leave the others waiting

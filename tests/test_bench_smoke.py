@@ -93,3 +93,18 @@ def test_cli_check_runs_every_command_on_cpu(tmp_path):
     assert r["head"]["heldout_overall"]["pools"] > 0
     for name in ("spo_verified_head", "spo_head_alone", "ddp"):
         assert [p for p in r[name]["pairs"] if p is not None], name
+
+
+def test_reference_batches_bench_small(tmp_path):
+    """bench_reference_batches.py: each setting trains on the same pairs from the same adapter, so the logged losses
+    agree (float rounding at most) and every setting reports a time and its ratio to the per-micro-batch loop."""
+    out = tmp_path / "ref.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "bench_reference_batches.py"), "--repeats", "1", "--settings", "1", "3",
+         "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["reference_batches"] for r in rows] == [1, 3]
+    assert rows[0]["speedup_vs_1"] == 1.0 and rows[0]["micro_batches"] > 3
+    assert all(r["median_s"] > 0 and r["max_loss_diff"] < 1e-5 for r in rows)

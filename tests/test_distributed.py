@@ -187,8 +187,10 @@ def test_two_rank_update_equals_one_rank_update_on_the_union(session):
     print(f"\n2-rank vs 1-rank max |dparam| = {err:.3g} (update size {moved:.3g}); ranks differ by {rank_gap:.3g}")
     assert moved > 1e-4, "the update must be visible for the comparison to mean anything"
     assert err <= 1e-6 and rank_gap == 0.0
+    # The two setups run their forwards at different batch sizes (each rank's reference chunk holds half the pairs),
+    # so the logged means agree to float rounding, not bit for bit (measured: 1e-6 relative on grad_norm).
     for key in ("loss", "ratio_win", "ratio_lose", "grad_norm"):
-        assert abs(r0["logs"][key] - session["logs"][key]) <= 1e-6 * max(1.0, abs(session["logs"][key])), key
+        assert abs(r0["logs"][key] - session["logs"][key]) <= 1e-5 * max(1.0, abs(session["logs"][key])), key
         assert r0["logs"][key] == r1["logs"][key]
 
 

@@ -90,8 +90,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     trainer = SPOTrainer(make_config("toy", overrides=over))
     real = trainer.pair_loss
 
-    def poisoned(pairs, prompts):
-        per_pair, rw, rl = real(pairs, prompts)
+    def poisoned(pairs, prompts, **kw):
+        per_pair, rw, rl = real(pairs, prompts, **kw)
         return per_pair * (float("nan") if trainer.iteration >= 1 else 1.0), rw, rl
 
     monkeypatch.setattr(trainer, "pair_loss", poisoned)
@@ -117,3 +117,32 @@ def test_spo_raises_the_held_out_score_beyond_lr0(tmp_path):
     assert abs(gains[0.0]) < 1e-6
     # measured +0.13 (score x10 scale); with one-step x0 labels the score fell by 1.3 in 10 iterations
     assert gains[6e-4] > 0.05, gains
+
+
+@pytest.mark.parametrize("extra", [{}, {"sampling.inner_steps": 1}], ids=["shared_parent", "own_parents"])
+def test_batched_reference_gives_the_per_micro_batch_losses(tmp_path, extra):
+    """train.reference_batches: the frozen reference's predictions computed in a few large forwards before the
+    optimizer steps are the per-micro-batch ones (same losses), with fewer reference forwards."""
+    losses, calls = {}, {}
+    for rb in (1, 3):
+        over = {**SMALL, **extra, "train.iterations": 1, "train.batch_size": 2, "train.reference_batches": rb,
+                "log.output_dir": str(tmp_path / f"r{rb}")}  # fmt: skip
+        trainer = SPOTrainer(make_config("toy", overrides=over))
+        real, calls[rb] = trainer._reference, 0
+
+        def counted(*a, real=real, rb=rb):
+            calls[rb] += 1
+            return real(*a)
+
+        trainer._reference = counted
+        trainer.run()
+        losses[rb] = _losses(tmp_path / f"r{rb}")
+    assert len(losses[1]) >= 4, "several micro-batches, so that chunks of 3 include a partial one"
+    assert calls[1] == len(losses[1]) and calls[3] == -(-len(losses[1]) // 3)
+    torch.testing.assert_close(torch.tensor(losses[3]), torch.tensor(losses[1]), rtol=0, atol=1e-5)
+
+
+def test_reference_batches_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="train.reference_batches must be >= 1"):
+        SPOTrainer(make_config("toy", overrides={**SMALL, "train.reference_batches": 0,
+                                                 "log.output_dir": str(tmp_path / "r")}))  # fmt: skip
