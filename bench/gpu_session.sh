@@ -7,6 +7,10 @@
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   bash bench/gpu_session.sh [tests|e2e|loss|direction|layout|refbatch|cli ...]   # default: all, in that order
+#
+# One device call may run 600 s at most and a session has ~15 minutes of device time, machine start included: the
+# default list takes longer than that (worst case ~17 min of step limits), so name the steps of each call, most
+# wanted first, e.g. `e2e layout` (~6 min), then `cli refbatch tests` (~6 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
