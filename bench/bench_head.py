@@ -173,7 +173,7 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
     }
 
 
-SPO_METHODS = ("teacher", "head", "head_verify", "teacher_k2", "oracle")
+SPO_METHODS = ("teacher", "head", "head_verify", "head_refresh", "teacher_k2", "oracle")
 
 
 class _OracleDirection:
@@ -221,16 +221,19 @@ def spo_section(
             sampling: dict[str, Any] = {"num_candidates": 2} if method == "teacher_k2" else {}
             if threshold is not None:  # the pair rule's margin threshold (default: the toy preset's)
                 sampling["threshold"] = threshold
+            # head_refresh: the trainer builds the head and its online refresh (preference.head_refresh 2).
+            pref = {"head": head_path, "head_refresh": 2} if method == "head_refresh" else {}
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
+                "preference": pref,
             })  # fmt: skip
             tr = SPOTrainer(cfg)
             if method == "oracle":
                 oracle = _OracleDirection(tr)
                 s = tr.sampler
                 tr.sampler = oracle.sampler = PoolSampler(s.denoiser, s.scheduler, None, s.config, head=oracle)
-            if method.startswith("head"):
+            if method in ("head", "head_verify"):
                 head = HeadScorer(load_head(head_path, tr.components, tr.device))
                 s = tr.sampler
                 tr.sampler = PoolSampler(
@@ -242,10 +245,12 @@ def spo_section(
                 t0 = time.perf_counter()
                 pairs, prompts, stats = tr.sample_pairs(it)
                 tr.train_on(pairs, prompts, it)
+                refresh = tr.refresh_head()
                 spent += time.perf_counter() - t0
-                rows = tr.unet_rows["sampling"] + tr.unet_rows["training"]
+                rows = sum(tr.unet_rows.values())  # sampling, training and (head_refresh) the teacher gradients
                 curve.append({"iteration": it + 1, "seconds": spent, "unet_rows": rows, "pairs": len(pairs),
-                              "valid_rate": stats["valid"] / max(1, stats["records"]), **tr.evaluate()})  # fmt: skip
+                              "valid_rate": stats["valid"] / max(1, stats["records"]), **refresh,
+                              **tr.evaluate()})  # fmt: skip
                 logger.info("%s it %d: %s", method, it + 1, curve[-1])
             out[method] = curve
     return out

@@ -7,7 +7,7 @@ Runs, on the built-in toy world (no downloads), each as a subprocess:
 2. the exported LoRA loaded with diffusers' ``StableDiffusionPipeline.load_lora_weights`` on the device (it must
    change the UNet's output);
 3. ``python -m spo_fast.train_head`` (a short distillation), then ``python -m spo_fast.train`` with the head in
-   verified mode and alone, 2 iterations each;
+   verified mode, alone, and alone with the online refresh (``--preference.head_refresh 2``), 2 iterations each;
 4. ``torchrun --nproc_per_node 1 -m spo_fast.train`` (the distributed path: NCCL on CUDA, gloo on CPU), 2 iterations.
 
 Writes one JSON (each step's return code, seconds and the numbers it produced; a failed step keeps its stderr
@@ -140,12 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             rep = json.loads(report.read_text())
             results["head"] = {"heldout_overall": rep.get("heldout", {}).get("overall")}
         if ok:
-            for name, verify in (("spo_verified_head", "true"), ("spo_head_alone", "false")):
+            for name, extra in (
+                ("spo_verified_head", ["--preference.verify_head=true"]),
+                ("spo_head_alone", ["--preference.verify_head=false"]),
+                ("spo_head_refresh", ["--preference.head_refresh=2"]),  # teacher gradients through the policy
+            ):
                 folder = work / name
                 _run(name, [*base, "--overwrite", "--train.iterations=2", f"--log.output_dir={folder}",
-                            f"--preference.head={head / 'head.pt'}", f"--preference.verify_head={verify}"],
-                     steps, args.step_timeout)  # fmt: skip
-                results[name] = {"pairs": [r.get("pairs") for r in _metrics(folder)]}
+                            f"--preference.head={head / 'head.pt'}", *extra], steps, args.step_timeout)  # fmt: skip
+                logged = _metrics(folder)
+                results[name] = {"pairs": [r.get("pairs") for r in logged],
+                                 "head_refresh_cos": [r.get("head_refresh_cos") for r in logged]}  # fmt: skip
 
         ddp = work / "ddp"
         _run(

@@ -114,6 +114,19 @@ def validate_config(cfg: SPOConfig) -> None:
             "preference.verify_head needs preference.head (the head that proposes the pairs): pass --preference.head "
             f"<head.pt>, trained with `python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}`"
         )
+    pr = cfg.preference
+    if pr.head_refresh < 0 or pr.head_refresh_steps < 1 or pr.head_refresh_buffer < 1 or pr.head_refresh_lr <= 0:
+        raise ValueError(
+            "preference.head_refresh must be >= 0, head_refresh_steps and head_refresh_buffer >= 1 and "
+            f"head_refresh_lr > 0 (got {pr.head_refresh}, {pr.head_refresh_steps}, {pr.head_refresh_buffer}, "
+            f"{pr.head_refresh_lr})"
+        )
+    if pr.head_refresh and not pr.head:
+        raise ValueError(
+            "preference.head_refresh fine-tunes a noisy-latent head during SPO and needs preference.head: pass "
+            f"--preference.head <head.pt>, trained with `python -m spo_fast.train_head --model.pretrained "
+            f"{cfg.model.pretrained}`, or drop --preference.head_refresh"
+        )
     if cfg.preference.kind == "step_aware" and not cfg.preference.checkpoint:
         raise ValueError(
             "preference.kind=step_aware needs preference.checkpoint: the official step-aware preference model "
@@ -346,16 +359,27 @@ class SPOTrainer:
         # CUDA graphs for the sampling forwards (no grad, static shapes per phase); a pass-through on CPU.
         self._sample_denoiser = maybe_graph(self._policy_no_grad, self.device)
         head = None
+        self.head_refresher = None
         if cfg.preference.head and cfg.train.method == "spo":  # DPO labels whole trajectories: keep the teacher
-            from .head import HeadScorer, load_head
+            from .head import HeadScorer, RefreshingHeadScorer, load_head
 
-            head = HeadScorer(
-                load_head(cfg.preference.head, self.components, self.device, pretrained=cfg.model.pretrained)
-            )
+            module = load_head(cfg.preference.head, self.components, self.device, pretrained=cfg.model.pretrained)
+            p = cfg.preference
+            if p.head_refresh:
+                head = self.head_refresher = RefreshingHeadScorer(
+                    module, self.components, self.image_scorer, self._policy_grad, lambda ps: self.encoder(ps).embeds,
+                    every=p.head_refresh, steps=p.head_refresh_steps, lr=p.head_refresh_lr,
+                    buffer=p.head_refresh_buffer, seed=_stream_seed(cfg.train.seed, self.rank, 5),
+                )  # fmt: skip
+            else:
+                head = HeadScorer(module)
         self.sampler = PoolSampler(
             self._sample_denoiser, self.components.scheduler, self.scorer, sc, head=head,
             verify_head=head is not None and cfg.preference.verify_head,
         )  # fmt: skip
+        if self.head_refresher is not None:
+            self.head_refresher.sampler, self.head_refresher.prompts = self.sampler, self.scorer
+            self.head_refresher.dist = self.dist
 
     def _setup_parallel(self) -> None:
         """Wrap the UNet for the policy's training forward: DeepSpeed engine, DDP, or nothing (one process).
@@ -432,6 +456,11 @@ class SPOTrainer:
         with self._autocast():
             return self.policy(latents, timesteps, cond)
 
+    def _policy_grad(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
+        """The policy's CFG prediction, differentiable in ``latents`` (the head refresh's teacher gradient)."""
+        with self._autocast():
+            return self.policy(latents, timesteps, cond).float()
+
     # ----------------------------------------------------------------------------------------------- sampling
     def sample_pairs(self, iteration: int) -> tuple[PoolPairs, list[str], dict[str, Any]]:
         cfg = self.cfg
@@ -466,6 +495,19 @@ class SPOTrainer:
                 stats["valid"] += int(v.sum())
                 stats["records"] += v.numel()
         return PoolPairs.cat(all_pairs), prompts_all, stats
+
+    def refresh_head(self) -> dict[str, float]:
+        """With ``preference.head_refresh``: fine-tune the head on the teacher gradients recorded while sampling
+        (call once per iteration, after sampling); returns its loss / cosine and time. Without it: ``{}``."""
+        r = self.head_refresher
+        if r is None:
+            return {}
+        t0 = time.perf_counter()
+        out = r.update()
+        cfg_mult = 2 if self.cfg.sampling.guidance_scale > 1 else 1
+        # Forward-equivalent rows of the teacher-gradient passes: forward + backward ~ 3 forwards.
+        self.unet_rows["head_refresh"] = r.unet_rows * cfg_mult * 3
+        return {**out, "time_head_refresh": time.perf_counter() - t0}
 
     def gather_pairs(
         self, pairs: PoolPairs, prompts: list[str], stats: dict[str, Any] | None = None
@@ -675,6 +717,9 @@ class SPOTrainer:
             "unet_rows": dict(self.unet_rows),
             "config_hash": config_hash(self.cfg),
         }
+        if self.head_refresher is not None:
+            # The refreshed head and its buffer are rank-local state too (weights equal across ranks; buffers not).
+            meta["head_refresh_ranks"] = self.dist.all_gather_object(self.head_refresher.state_dict())
         name = f"iter_{self.iteration:06d}"
         ckpt = self._ckpt_dir()
         if self.engine is not None:
@@ -747,6 +792,14 @@ class SPOTrainer:
                     "statistics (training state is unaffected)", len(ledgers), self.world_size
                 )  # fmt: skip
             self.ledger.load_state_dict(state["ledger"])
+        if self.head_refresher is not None:
+            heads = state.get("head_refresh_ranks")
+            if not heads:
+                raise ValueError(
+                    f"the checkpoint {name} was written without preference.head_refresh: resume with the same "
+                    "preference settings"
+                )
+            self.head_refresher.load_state_dict(heads[self.rank] if len(heads) == self.world_size else heads[0])
         self.iteration = state["iteration"]
         self.opt_step = state["opt_step"]
         self.unet_rows = dict(state["unet_rows"])
@@ -798,6 +851,7 @@ class SPOTrainer:
             pairs, prompts, stats = self.gather_pairs(pairs, prompts, stats)
             t1 = time.perf_counter()
             train_logs = self.train_on(pairs, prompts, it)
+            train_logs.update(self.refresh_head())
             self.iteration = it + 1
             rec: dict[str, Any] = {
                 "iteration": self.iteration,

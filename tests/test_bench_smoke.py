@@ -74,7 +74,8 @@ def test_conv_layout_bench_small(tmp_path):
 @pytest.mark.slow
 def test_cli_check_runs_every_command_on_cpu(tmp_path):
     """bench/cli_check.py (gpu_session.sh cli) on CPU: train, resume, the LoRA through diffusers' loader, train_head,
-    both head modes and a one-process torchrun all succeed, and the JSON holds what each produced."""
+    the head modes (verified, alone, refreshed) and a one-process torchrun all succeed, and the JSON holds what
+    each produced."""
     out = tmp_path / "cli.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "cli_check.py"), "--device", "cpu", "--iterations", "2", "--head-steps", "10",
@@ -86,13 +87,14 @@ def test_cli_check_runs_every_command_on_cpu(tmp_path):
     assert res["failed"] == []
     steps = [s["step"] for s in res["steps"]]
     assert steps == ["train", "resume", "load_lora_weights", "train_head", "spo_verified_head", "spo_head_alone",
-                     "torchrun_1proc"]  # fmt: skip
+                     "spo_head_refresh", "torchrun_1proc"]  # fmt: skip
     r = res["results"]
     assert [i for i in r["spo"]["iterations_logged"] if i] == [1, 2, 3, 4], "the resume must continue to 4"
     assert r["lora"]["unet_output_change"] > 1e-6
     assert r["head"]["heldout_overall"]["pools"] > 0
-    for name in ("spo_verified_head", "spo_head_alone", "ddp"):
+    for name in ("spo_verified_head", "spo_head_alone", "spo_head_refresh", "ddp"):
         assert [p for p in r[name]["pairs"] if p is not None], name
+    assert [c for c in r["spo_head_refresh"]["head_refresh_cos"] if c is not None], "the refresh must have run"
 
 
 def test_reference_batches_bench_small(tmp_path):

@@ -470,8 +470,9 @@ def test_head_scores_for_recorded_pools_match_the_samplers_call():
 
 
 def test_bench_head_spo_section_runs(tmp_path):
-    """README: `bench_head.py --sections spo --head <head.pt>` (SPO on the toy world with the head alone and the
-    verified head; one iteration each here) writes curves of the held-out score against seconds and UNet rows."""
+    """README: `bench_head.py --sections spo --head <head.pt>` (SPO on the toy world with the head alone, the
+    verified head and the refreshed head; one iteration each here) writes curves of the held-out score against
+    seconds and UNet rows."""
     import json
     import math
     import subprocess
@@ -481,13 +482,94 @@ def test_bench_head_spo_section_runs(tmp_path):
     path = _toy_direction_head(tmp_path / "head.pt")
     out = tmp_path / "bench_head.json"
     cmd = [sys.executable, "bench_head.py", "--sections", "spo", "--head", str(path), "--spo-iterations", "1",
-           "--eval-prompts", "2", "--spo-methods", "head", "head_verify", "--out", str(out)]  # fmt: skip
+           "--eval-prompts", "2", "--spo-methods", "head", "head_verify", "head_refresh",
+           "--out", str(out)]  # fmt: skip
     bench = Path(__file__).parents[1] / "bench"
     proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spo = json.loads(out.read_text())["spo"]
-    assert set(spo) == {"head", "head_verify"}
+    assert set(spo) == {"head", "head_verify", "head_refresh"}
     for curve in spo.values():
         assert [r["iteration"] for r in curve] == [0, 1] and all(math.isfinite(r["eval_score"]) for r in curve)
     # the verified head pays for the pair's x0 estimates: more UNet rows than the head alone
     assert spo["head_verify"][1]["unet_rows"] > spo["head"][1]["unet_rows"] > 0
+    # the refresh pays for the teacher's gradients and reports its fit
+    assert spo["head_refresh"][1]["unet_rows"] > spo["head"][1]["unet_rows"]
+    assert -1 <= spo["head_refresh"][1]["head_refresh_cos"] <= 1
+
+
+def _refresh_config(out, head_path, iterations, every=1):
+    from spo_fast.config import make_config
+
+    return make_config("toy", overrides={
+        "preference": {"head": str(head_path), "head_refresh": every, "head_refresh_steps": 3},
+        "train": {"iterations": iterations, "batch_size": 4},
+        "sampling": {"batch_size": 2, "num_steps": 8, "divert_step": 4},
+        "data": {"num_eval_prompts": 2},
+        "log": {"output_dir": str(out), "progress": False, "checkpoint_every": 1, "eval_every": 0},
+    })  # fmt: skip
+
+
+def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path):
+    """preference.head_refresh: every scored step (every = 1) records the teacher's gradient at the pool means with
+    the policy's UNet (3 non-final scored steps x b 2 x 2 lookahead jumps x CFG 2 x forward+backward 3 rows; the
+    final x_0 is scored without the UNet), and the head's updates fit those targets: repeated updates on one
+    buffer lower the distillation loss and raise the cosine. The SPO labels stay the head's (the teacher's scorer
+    is never called)."""
+    from spo_fast.head import RefreshingHeadScorer
+    from spo_fast.trainer import SPOTrainer
+
+    path = _toy_direction_head(tmp_path / "head.pt")
+    tr = SPOTrainer(_refresh_config(tmp_path / "run", path, 1))
+    assert isinstance(tr.sampler.head, RefreshingHeadScorer)
+    calls = []
+    real = tr.scorer.image_scorer
+    tr.scorer.image_scorer = lambda *a: calls.append(1) or real(*a)
+    before = {k: v.clone() for k, v in tr.head_refresher.head.state_dict().items()}
+    pairs, prompts, _ = tr.sample_pairs(0)
+    tr.train_on(pairs, prompts, 0)
+    assert not calls and len(tr.head_refresher.buffer) == 4  # 4 scored steps, each recorded
+    first = tr.refresh_head()
+    assert tr.unet_rows["head_refresh"] == 3 * 2 * 2 * 2 * 3
+    assert any(not torch.equal(before[k], v) for k, v in tr.head_refresher.head.state_dict().items())
+    for _ in range(6):
+        last = tr.refresh_head()
+    assert last["head_refresh_loss"] < first["head_refresh_loss"]
+    assert last["head_refresh_cos"] > first["head_refresh_cos"]
+
+
+def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
+    """A run killed after iteration 1 and resumed ends with the same head (weights, buffer) and losses as one that
+    ran 2 iterations straight; head_refresh without a head, or with a per-candidate head, is a clear error."""
+    import json
+
+    from spo_fast.trainer import SPOTrainer, validate_config
+
+    path = _toy_direction_head(tmp_path / "head.pt")
+    straight = SPOTrainer(_refresh_config(tmp_path / "a", path, 2))
+    straight.run()
+    SPOTrainer(_refresh_config(tmp_path / "b", path, 1)).run()
+    resumed = SPOTrainer(_refresh_config(tmp_path / "b", path, 2), resume=True)
+    assert resumed.iteration == 1 and len(resumed.head_refresher.buffer) == 4
+    resumed.run()
+    for k, v in straight.head_refresher.head.state_dict().items():
+        torch.testing.assert_close(resumed.head_refresher.head.state_dict()[k], v, rtol=0, atol=0)
+
+    def logs(d):
+        return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    keys = ("loss", "head_refresh_loss", "head_refresh_cos")
+    assert [[r.get(k) for k in keys] for r in logs("a")] == [[r.get(k) for k in keys] for r in logs("b")]
+
+    cfg = _refresh_config(tmp_path / "c", path, 1)
+    cfg.preference.head = ""
+    with pytest.raises(ValueError, match="head_refresh .*needs preference.head"):
+        validate_config(cfg)
+    cfg = _refresh_config(tmp_path / "c", path, 1)
+    cfg.preference.head_refresh = -1
+    with pytest.raises(ValueError, match="head_refresh must be >= 0"):
+        validate_config(cfg)
+    from spo_fast.head import RefreshingHeadScorer
+
+    with pytest.raises(ValueError, match="needs a 'direction' head"):
+        RefreshingHeadScorer(_head("latent"), None, None, None, None)
