@@ -25,6 +25,10 @@ fast+head_verify  the fast path with the verified head: the head scores the k*b 
            pool's pair; only those 2b candidates get the x0 estimate, the VAE decode and the SPM (which orders the
            pair), and the UNet runs on the b continuations.
 
+fast+head_refresh  the head alone with its online refresh (``preference.head_refresh 2``): on every 2nd scored
+           step the SPM's gradient at the pool means (through the policy's x0 estimate, the VAE decoder and the SPM;
+           counted in the phase ``score``), and after training 20 head optimizer steps (phase ``head_refresh``).
+
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
 yields a pair: the largest training phase, b * (N - divert) pairs).
@@ -538,25 +542,42 @@ def head_arch(comps: Any, scale: str) -> Any:
     )  # fmt: skip
 
 
-def build_fast_head(setup: Setup, verify: bool = False) -> Mode:
-    from spo_fast.head import HeadScorer, NoisyLatentPreferenceHead
+def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -> Mode:
+    from spo_fast.head import HeadScorer, NoisyLatentPreferenceHead, RefreshingHeadScorer
 
     mode, trainer, timer = _build_fast(setup)
     comps = trainer.components
     torch.manual_seed(setup.args.seed)
     head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
-    timed = TimedHead(HeadScorer(head), timer)
+    if refresh:
+        scorer: Any = RefreshingHeadScorer(
+            head, comps, trainer.image_scorer, trainer._policy_grad, lambda ps: trainer.encoder(ps).embeds, every=2
+        )
+    else:
+        scorer = HeadScorer(head)
+    timed = TimedHead(scorer, timer)
     old = trainer.sampler
     # Verified: the head proposes each pool's pair, the (timed) decode + SPM scorer orders only those two.
     trainer.sampler = PoolSampler(
         old.denoiser, old.scheduler, old.scorer if verify else None, old.config, head=timed, verify_head=verify
     )
+    if refresh:
+        scorer.sampler, scorer.prompts = trainer.sampler, trainer.scorer
+        trainer.head_refresher = scorer
     inner = mode.iteration
 
     def iteration(it: int) -> IterationRecord:
         timed.images = 0
         rec = inner(it)
         rec.images = timed.images
+        if refresh:
+            t0 = time.perf_counter()
+            with timer.section("head_refresh"):
+                trainer.refresh_head()
+            sync(setup.device)
+            spent = time.perf_counter() - t0
+            rec.seconds += spent
+            rec.phases["head_refresh"] = spent
         return rec
 
     mode.iteration = iteration
@@ -575,6 +596,7 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
     "fast": build_fast,
     "fast+head": build_fast_head,
     "fast+head_verify": lambda setup: build_fast_head(setup, verify=True),
+    "fast+head_refresh": lambda setup: build_fast_head(setup, refresh=True),
 }
 PLANNED: dict[str, str] = {}
 
@@ -598,6 +620,7 @@ def _phases(totals: dict[str, float]) -> dict[str, float]:
         "sampling_score": totals.get("score", 0.0),
         "sampling_other": max(0.0, sampling - inner),
         "training": totals.get("training", 0.0),
+        "head_refresh": 0.0,  # the fast+head_refresh mode's head updates (set by its iteration)
     }
 
 

@@ -173,7 +173,7 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
     }
 
 
-SPO_METHODS = ("teacher", "head", "head_verify", "head_refresh", "teacher_k2", "oracle")
+SPO_METHODS = ("teacher", "head", "head_verify", "head_refresh", "head_refresh_labels", "teacher_k2", "oracle")
 
 
 class _OracleDirection:
@@ -208,7 +208,9 @@ def spo_section(
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
-    2 of the k candidates decoded and scored), the teacher with k = 2 (the same teacher work per pool as the
+    2 of the k candidates decoded and scored), the head alone with its online refresh (``preference.head_refresh
+    2``: ``head_refresh`` with every label the head's, ``head_refresh_labels`` with the refreshed steps labelled by
+    the teacher's gradient, the library default), the teacher with k = 2 (the same teacher work per pool as the
     verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic)."""
     from spo_fast.config import make_config
     from spo_fast.head import load_head
@@ -222,7 +224,9 @@ def spo_section(
             if threshold is not None:  # the pair rule's margin threshold (default: the toy preset's)
                 sampling["threshold"] = threshold
             # head_refresh: the trainer builds the head and its online refresh (preference.head_refresh 2).
-            pref = {"head": head_path, "head_refresh": 2} if method == "head_refresh" else {}
+            pref: dict[str, Any] = {"head": head_path, "head_refresh": 2} if method.startswith("head_refresh") else {}
+            if method.startswith("head_refresh"):  # labels of the refreshed steps: the head's, or the teacher's
+                pref["head_refresh_teacher_labels"] = method == "head_refresh_labels"
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},

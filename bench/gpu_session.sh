@@ -61,9 +61,9 @@ for step in "${steps[@]}"; do
       timeout 50 $PY bench/bench_direction_tail.py --repeats "$REPEATS" --out "$OUT/bench_direction_tail.json" \
         >> "$OUT/log.txt" 2>&1 ;;
     e2e)
-      # One warm-up and one timed iteration per mode: on an H200 an iteration takes ~19-24 s (official, fast) and
-      # building a mode ~15-25 s, so four modes need ~4-5 minutes (two timed iterations did not fit in 250 s).
-      timeout 330 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify \
+      # One warm-up and one timed iteration per mode: on an H200 an iteration takes ~19-24 s (official, fast), 6-14 s
+      # (head modes) and building a mode ~5-17 s: the four first modes took 208 s there (2026-12-04).
+      timeout 330 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify fast+head_refresh \
         --warmup 1 --iters 1 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
     layout)
       # NCHW vs channels_last (and cuDNN autotuning) for the VAE decode and the UNet at SD1.5 size, bf16: ~1 min.

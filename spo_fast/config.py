@@ -67,6 +67,11 @@ class PreferenceConfig:
     head_refresh_steps: int = _f(20, "head optimizer steps per iteration when head_refresh > 0")
     head_refresh_lr: float = _f(1e-3, "AdamW learning rate of the head refresh")
     head_refresh_buffer: int = _f(200, "scored steps (b pools each) the head refresh draws its batches from")
+    head_refresh_teacher_labels: bool = _f(
+        True,
+        "head refresh: the refreshed steps' pools are labelled by the teacher's gradient (computed for the refresh "
+        "anyway), the others by the head; false: every label from the head",
+    )
 
 
 @dataclass

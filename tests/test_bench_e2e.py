@@ -45,15 +45,16 @@ def test_bench_e2e_rejects_unavailable_modes(mode):
 
 
 def test_bench_e2e_small_head_mode(tmp_path):
-    """The fast path with the (untrained) direction head, alone and verified: same pair count (threshold 0)."""
+    """The fast path with the (untrained) direction head, alone, verified and refreshed: same pair count
+    (threshold 0); the refresh adds its own phase and time."""
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "bench_e2e.py", "--scale", "small", "--prompts", "2", "--k", "2", "--steps", "6",
            "--divert", "3", "--train-batch", "2", "--warmup", "0", "--iters", "1", "--modes", "fast", "fast+head",
-           "fast+head_verify", "--out", str(out)]  # fmt: skip
+           "fast+head_verify", "fast+head_refresh", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {m["mode"]: m for m in json.loads(out.read_text())["modes"]}
-    assert set(modes) == {"fast", "fast+head", "fast+head_verify"}
+    assert set(modes) == {"fast", "fast+head", "fast+head_verify", "fast+head_refresh"}
     assert modes["fast+head"]["pairs_per_iteration"] == modes["fast"]["pairs_per_iteration"] == [2 * 3]
     assert modes["fast+head_verify"]["pairs_per_iteration"] == [2 * 3]
     # k = 2: the verified head's pair is the whole pool, so the decoder and the SPM run as in the fast path
@@ -61,3 +62,6 @@ def test_bench_e2e_small_head_mode(tmp_path):
     assert modes["fast+head"]["phases"]["sampling_decode"] == 0
     assert modes["fast+head"]["head_parameters"] > 0
     assert modes["fast+head"]["seconds_per_iteration"] > 0
+    refresh = modes["fast+head_refresh"]
+    assert refresh["pairs_per_iteration"] == [2 * 3] and refresh["phases"]["sampling_decode"] == 0
+    assert refresh["phases"]["head_refresh"] > 0 and modes["fast+head"]["phases"]["head_refresh"] == 0

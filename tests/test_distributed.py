@@ -119,6 +119,13 @@ def _rank_main(rank: int, port: int, w: dict, results: Path) -> None:
         out["final"] = {n: p.detach().clone() for n, p in tr.components.unet.named_parameters() if p.requires_grad}
         out["opt_step"] = tr.opt_step
 
+        # 4. the head refresh: each rank distils its own recorded gradients, the head's gradients are averaged
+        head, buffer = _refresh_head_and_buffer(rank)
+        refresher = _refresher(head)
+        refresher.buffer, refresher.dist = buffer, ctx
+        out["refresh_logs"] = refresher.update()
+        out["refresh_head"] = {k: v.detach().clone() for k, v in head.state_dict().items()}
+
         # 3. bad input: ranks with different configs, and a DeepSpeed config with contradicting batch sizes
         for name, over, ds in (
             ("mismatch", {"train.lr": 2e-4 * (1 + rank)}, None),
@@ -137,6 +144,35 @@ def _rank_main(rank: int, port: int, w: dict, results: Path) -> None:
     finally:
         torch.save(out, results / f"rank{rank}.pt")
         ctx.close()
+
+
+def _refresh_head_and_buffer(rank: int) -> tuple:
+    """A small direction head (same weights on every rank) and 6 recorded steps of 2 pools, different per rank."""
+    from spo_fast.head import HeadArchConfig, NoisyLatentPreferenceHead
+
+    torch.manual_seed(0)
+    head = NoisyLatentPreferenceHead(HeadArchConfig(encoder="direction", latent_channels=2, text_dim=3, width=8,
+                                                    depth=1))  # fmt: skip
+    g = torch.Generator().manual_seed(100 + rank)
+    buffer = [{"mean": torch.randn(2, 2, 4, 4, generator=g), "parent_x0": torch.randn(2, 2, 4, 4, generator=g),
+               "t": torch.tensor([500, 20]), "prompts": [f"r{rank}s{i}a", f"r{rank}s{i}b"],
+               "grad": torch.randn(2, 2, 4, 4, generator=g)} for i in range(6)]  # fmt: skip
+    return head, buffer
+
+
+def _fake_encode(prompts: list[str]) -> torch.Tensor:
+    """Prompt -> [1, 3] embedding, a fixed function of the text (so every process encodes a prompt the same way)."""
+    return torch.tensor([[[len(p) / 10, p.count("a") / 3, float(p[1]) if p[1].isdigit() else 0.0]] for p in prompts])
+
+
+def _refresher(head):
+    from spo_fast.head import RefreshingHeadScorer
+
+    class Differentiable:
+        differentiable_score = staticmethod(red_minus_blue)
+
+    return RefreshingHeadScorer(head, None, Differentiable(), None, _fake_encode, every=1, steps=3, lr=1e-2,
+                                steps_per_batch=2, seed=7)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +200,16 @@ def session(world):
     logs = single.train_on(pairs, ranks[0]["prompts"], 0)
     final = {n: p.detach().clone() for n, p in single.components.unet.named_parameters() if p.requires_grad}
     print(f"\n2-rank session {spawn_s:.1f} s, 1-rank reference {time.perf_counter() - t0 - spawn_s:.1f} s")
-    return {"ranks": ranks, "init": init, "final": final, "logs": logs, "opt_step": single.opt_step}
+    # The head refresh's 1-rank reference: one buffer whose step i holds both ranks' pools of step i (the ranks draw
+    # the same step indices), so each batch is the union of the ranks' batches.
+    head, buf0 = _refresh_head_and_buffer(0)
+    _, buf1 = _refresh_head_and_buffer(1)
+    union = [{k: (a[k] + b[k] if k == "prompts" else torch.cat([a[k], b[k]])) for k in a} for a, b in zip(buf0, buf1)]
+    ref = _refresher(head)
+    ref.buffer = union
+    refresh = {"logs": ref.update(), "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+    return {"ranks": ranks, "init": init, "final": final, "logs": logs, "opt_step": single.opt_step,
+            "refresh": refresh}  # fmt: skip
 
 
 def test_two_rank_update_equals_one_rank_update_on_the_union(session):
@@ -192,6 +237,19 @@ def test_two_rank_update_equals_one_rank_update_on_the_union(session):
     for key in ("loss", "ratio_win", "ratio_lose", "grad_norm"):
         assert abs(r0["logs"][key] - session["logs"][key]) <= 1e-5 * max(1.0, abs(session["logs"][key])), key
         assert r0["logs"][key] == r1["logs"][key]
+
+
+def test_head_refresh_averages_the_heads_gradients_over_ranks(session):
+    """preference.head_refresh on 2 ranks: each rank's head trains on its own recorded pools with the gradients
+    averaged, so the heads stay identical and equal a 1-rank head trained on the union of the batches."""
+    r0, r1 = session["ranks"]
+    ref = session["refresh"]["head"]
+    init, _ = _refresh_head_and_buffer(0)
+    moved = max((v - ref[k]).abs().max().item() for k, v in init.state_dict().items())
+    assert moved > 1e-3, "the update must be visible for the comparison to mean anything"
+    for k, v in ref.items():
+        assert torch.equal(r0["refresh_head"][k], r1["refresh_head"][k]), k
+        torch.testing.assert_close(r0["refresh_head"][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_with_unequal_pair_counts(session):

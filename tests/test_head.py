@@ -510,25 +510,43 @@ def _refresh_config(out, head_path, iterations, every=1):
     })  # fmt: skip
 
 
-def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path):
+@pytest.mark.parametrize("teacher_labels", [True, False])
+def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, monkeypatch, teacher_labels):
     """preference.head_refresh: every scored step (every = 1) records the teacher's gradient at the pool means with
     the policy's UNet (3 non-final scored steps x b 2 x 2 lookahead jumps x CFG 2 x forward+backward 3 rows; the
     final x_0 is scored without the UNet), and the head's updates fit those targets: repeated updates on one
-    buffer lower the distillation loss and raise the cosine. The SPO labels stay the head's (the teacher's scorer
-    is never called)."""
-    from spo_fast.head import RefreshingHeadScorer
+    buffer lower the distillation loss and raise the cosine. The recorded pools' labels are the first-order scores
+    of that gradient (head_refresh_teacher_labels, the default) or the head's; the decode + score path of the
+    teacher mode is never called."""
+    from spo_fast.head import RefreshingHeadScorer, direction_scores
     from spo_fast.trainer import SPOTrainer
 
     path = _toy_direction_head(tmp_path / "head.pt")
-    tr = SPOTrainer(_refresh_config(tmp_path / "run", path, 1))
+    cfg = _refresh_config(tmp_path / "run", path, 1)
+    cfg.preference.head_refresh_teacher_labels = teacher_labels
+    tr = SPOTrainer(cfg)
     assert isinstance(tr.sampler.head, RefreshingHeadScorer)
-    calls = []
+    calls, seen = [], []
     real = tr.scorer.image_scorer
     tr.scorer.image_scorer = lambda *a: calls.append(1) or real(*a)
+    call = RefreshingHeadScorer.__call__
+
+    def spy(self, latents, timesteps, cond, prompt_index, parent_x0=None):
+        head_only = HeadScorer.__call__(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
+        out = call(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
+        b = parent_x0.shape[0]
+        cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
+        seen.append((out, head_only, direction_scores(cand, self.buffer[-1]["grad"]).reshape(-1)))
+        return out
+
+    monkeypatch.setattr(RefreshingHeadScorer, "__call__", spy)
     before = {k: v.clone() for k, v in tr.head_refresher.head.state_dict().items()}
     pairs, prompts, _ = tr.sample_pairs(0)
     tr.train_on(pairs, prompts, 0)
     assert not calls and len(tr.head_refresher.buffer) == 4  # 4 scored steps, each recorded
+    for out, head_only, first_order in seen:
+        torch.testing.assert_close(out, first_order if teacher_labels else head_only)
+        assert not torch.allclose(head_only, first_order)  # an untrained head: the two label sources differ
     first = tr.refresh_head()
     assert tr.unet_rows["head_refresh"] == 3 * 2 * 2 * 2 * 3
     assert any(not torch.equal(before[k], v) for k, v in tr.head_refresher.head.state_dict().items())
