@@ -173,7 +173,10 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
     }
 
 
-SPO_METHODS = ("teacher", "head", "head_verify", "head_refresh", "head_refresh_labels", "teacher_k2", "oracle")
+SPO_METHODS = (
+    "teacher", "head", "head_verify", "head_refresh", "head_refresh_labels", "head_refresh_carry", "teacher_k2",
+    "oracle",
+)  # fmt: skip
 
 
 class _OracleDirection:
@@ -226,7 +229,8 @@ def spo_section(
             # head_refresh: the trainer builds the head and its online refresh (preference.head_refresh 2).
             pref: dict[str, Any] = {"head": head_path, "head_refresh": 2} if method.startswith("head_refresh") else {}
             if method.startswith("head_refresh"):  # labels of the refreshed steps: the head's, or the teacher's
-                pref["head_refresh_teacher_labels"] = method == "head_refresh_labels"
+                pref["head_refresh_teacher_labels"] = method != "head_refresh"
+                pref["head_refresh_carry"] = method == "head_refresh_carry"
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},

@@ -72,6 +72,9 @@ class PreferenceConfig:
         "head refresh: the refreshed steps' pools are labelled by the teacher's gradient (computed for the refresh "
         "anyway), the others by the head; false: every label from the head",
     )
+    head_refresh_carry: bool = _f(
+        False, "head refresh: steps between refreshed ones are labelled by the pass's last teacher gradient"
+    )
 
 
 @dataclass

@@ -893,6 +893,7 @@ class RefreshingHeadScorer(HeadScorer):
         steps_per_batch: int = 4,
         seed: int = 0,
         teacher_labels: bool = True,
+        carry: bool = False,
     ) -> None:
         if head.config.encoder != "direction":
             raise ValueError(
@@ -910,7 +911,8 @@ class RefreshingHeadScorer(HeadScorer):
         self.components, self.grad_denoiser, self.encode = components, grad_denoiser, encode
         self.grad_fn = _differentiable(image_scorer)
         self.every, self.steps, self.buffer_size, self.steps_per_batch = every, steps, buffer, steps_per_batch
-        self.seed, self.teacher_labels = seed, teacher_labels
+        self.seed, self.teacher_labels, self.carry = seed, teacher_labels, carry
+        self._last: tuple[int, Tensor] | None = None
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
         self.buffer: list[dict[str, Any]] = []
         self.calls = 0
@@ -925,13 +927,22 @@ class RefreshingHeadScorer(HeadScorer):
     ) -> Tensor:
         scores = super().__call__(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
         self.calls += 1
+        b = parent_x0.shape[0]
+        cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
+        t = int(timesteps[0])
         if self.calls % self.every == 0:
             g = self._record(latents, timesteps, cond, prompt_index, parent_x0)
+            self._last = (t, g)
             if self.teacher_labels:
                 # The teacher's gradient is at hand for these pools: their labels use it (first-order scores).
-                b = parent_x0.shape[0]
-                cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
                 scores = direction_scores(cand, g.to(cand.dtype)).reshape(-1)
+        elif self.carry and self._last is not None:
+            if self._last[0] > t and self._last[1].shape == cand.shape[1:]:
+                # The same pass's last recorded gradient, a scored step or more back: consecutive steps' gradients
+                # point the same way (toy world: cosine 0.5-0.7 at t > 500, 0.8-0.99 below).
+                scores = direction_scores(cand, self._last[1].to(cand.dtype)).reshape(-1)
+            else:  # a new pass (t rose again) or another batch: nothing to carry
+                self._last = None
         return scores
 
     def _record(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor) -> Tensor:

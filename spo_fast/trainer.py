@@ -370,7 +370,7 @@ class SPOTrainer:
                     module, self.components, self.image_scorer, self._policy_grad, lambda ps: self.encoder(ps).embeds,
                     every=p.head_refresh, steps=p.head_refresh_steps, lr=p.head_refresh_lr,
                     buffer=p.head_refresh_buffer, seed=_stream_seed(cfg.train.seed, self.rank, 5),
-                    teacher_labels=p.head_refresh_teacher_labels,
+                    teacher_labels=p.head_refresh_teacher_labels, carry=p.head_refresh_carry,
                 )  # fmt: skip
             else:
                 head = HeadScorer(module)

@@ -510,20 +510,23 @@ def _refresh_config(out, head_path, iterations, every=1):
     })  # fmt: skip
 
 
-@pytest.mark.parametrize("teacher_labels", [True, False])
-def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, monkeypatch, teacher_labels):
-    """preference.head_refresh: every scored step (every = 1) records the teacher's gradient at the pool means with
-    the policy's UNet (3 non-final scored steps x b 2 x 2 lookahead jumps x CFG 2 x forward+backward 3 rows; the
-    final x_0 is scored without the UNet), and the head's updates fit those targets: repeated updates on one
-    buffer lower the distillation loss and raise the cosine. The recorded pools' labels are the first-order scores
-    of that gradient (head_refresh_teacher_labels, the default) or the head's; the decode + score path of the
-    teacher mode is never called."""
+@pytest.mark.parametrize("mode", ["teacher_labels", "head_labels", "carry"])
+def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, monkeypatch, mode):
+    """preference.head_refresh: the recorded scored steps (every one; every 2nd for carry) get the teacher's
+    gradient at the pool means with the policy's UNet (per recorded non-final step: b 2 x 2 lookahead jumps x CFG 2
+    x forward+backward 3 rows; the final x_0 is scored without the UNet), and the head's updates fit those targets:
+    repeated updates on one buffer lower the distillation loss and raise the cosine. Labels: a recorded step's
+    pools get the first-order scores of its gradient (head_refresh_teacher_labels, the default) or the head's; with
+    head_refresh_carry the steps in between get the first-order scores of the pass's last recorded gradient (the
+    head's at a pass's first step). The decode + score path of the teacher mode is never called."""
     from spo_fast.head import RefreshingHeadScorer, direction_scores
     from spo_fast.trainer import SPOTrainer
 
     path = _toy_direction_head(tmp_path / "head.pt")
-    cfg = _refresh_config(tmp_path / "run", path, 1)
-    cfg.preference.head_refresh_teacher_labels = teacher_labels
+    every = 2 if mode == "carry" else 1
+    cfg = _refresh_config(tmp_path / "run", path, 1, every=every)
+    cfg.preference.head_refresh_teacher_labels = mode != "head_labels"
+    cfg.preference.head_refresh_carry = mode == "carry"
     tr = SPOTrainer(cfg)
     assert isinstance(tr.sampler.head, RefreshingHeadScorer)
     calls, seen = [], []
@@ -533,27 +536,37 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
 
     def spy(self, latents, timesteps, cond, prompt_index, parent_x0=None):
         head_only = HeadScorer.__call__(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
+        n = len(self.buffer)
         out = call(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
         b = parent_x0.shape[0]
         cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
-        seen.append((out, head_only, direction_scores(cand, self.buffer[-1]["grad"]).reshape(-1)))
+        grad = self.buffer[-1]["grad"] if len(self.buffer) > n else None
+        seen.append((int(timesteps[0]), out, head_only, cand, grad))
         return out
 
     monkeypatch.setattr(RefreshingHeadScorer, "__call__", spy)
     before = {k: v.clone() for k, v in tr.head_refresher.head.state_dict().items()}
     pairs, prompts, _ = tr.sample_pairs(0)
     tr.train_on(pairs, prompts, 0)
-    assert not calls and len(tr.head_refresher.buffer) == 4  # 4 scored steps, each recorded
-    for out, head_only, first_order in seen:
-        torch.testing.assert_close(out, first_order if teacher_labels else head_only)
-        assert not torch.allclose(head_only, first_order)  # an untrained head: the two label sources differ
+    assert not calls and len(seen) == 4 and len(tr.head_refresher.buffer) == 4 // every  # 4 scored steps
+    last = None
+    for _t, out, head_only, cand, grad in seen:
+        if grad is not None:
+            want = direction_scores(cand, grad).reshape(-1) if mode != "head_labels" else head_only
+            last = grad
+        else:
+            want = direction_scores(cand, last).reshape(-1) if mode == "carry" and last is not None else head_only
+        torch.testing.assert_close(out, want)
+        if grad is not None:  # an untrained head: the two label sources differ
+            assert not torch.allclose(head_only, direction_scores(cand, grad).reshape(-1))
     first = tr.refresh_head()
-    assert tr.unet_rows["head_refresh"] == 3 * 2 * 2 * 2 * 3
+    recorded_nonfinal = sum(1 for t, *_, grad in seen if grad is not None and t > 0)
+    assert tr.unet_rows["head_refresh"] == recorded_nonfinal * 2 * 2 * 2 * 3 > 0
     assert any(not torch.equal(before[k], v) for k, v in tr.head_refresher.head.state_dict().items())
     for _ in range(6):
-        last = tr.refresh_head()
-    assert last["head_refresh_loss"] < first["head_refresh_loss"]
-    assert last["head_refresh_cos"] > first["head_refresh_cos"]
+        last_logs = tr.refresh_head()
+    assert last_logs["head_refresh_loss"] < first["head_refresh_loss"]
+    assert last_logs["head_refresh_cos"] > first["head_refresh_cos"]
 
 
 def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
