@@ -863,15 +863,17 @@ class RefreshingHeadScorer(HeadScorer):
 
     Why: a head distilled on the base model's pools is judged, during SPO, on the policy's pools, which drift away
     from them; on the toy world its agreement with the teacher on the pairs it picks falls from ~80% to ~65% within a
-    few iterations and SPO on its labels alone then oscillates and falls (4.10 -> 3.50 / 3.82 after 40 iterations,
-    two seeds). So on every ``every``-th scored step the teacher's gradient at the pool means is recorded (the same
+    few iterations and SPO on its labels alone then oscillates and falls (4.10 -> 1.8-3.8 after 40 iterations across
+    seeds and runs). So on every ``every``-th scored step the teacher's gradient at the pool means is recorded (the same
     target as ``train_head``: through the lookahead jumps, the decoder and the image scorer, with the current
     policy's UNet), and :meth:`update` (once per iteration) takes ``steps`` AdamW steps of gradient distillation on
     batches drawn from the last ``buffer`` recorded steps. With ``teacher_labels`` (the default) the recorded steps'
     pools are labelled by that gradient (first-order scores ``<g*, x_i - mean>``, which order 93% of the teacher's
-    valid pairs on the toy world) and the other steps' by the head; without it every label is the head's.
-    Measured on the toy world (two seeds, 40 iterations, ``bench/results/cpu/bench_head_spo_refresh*.json``): the
-    head alone falls to 1.8-1.9, refreshed to 3.1-4.2, refreshed with teacher labels 4.4 (teacher 4.6-4.7).
+    valid pairs on the toy world) and the other steps' by the head; without it every label is the head's. With
+    ``carry`` the steps in between are labelled by the pass's last recorded gradient instead of the head.
+    Measured on the toy world (40 iterations, ``bench/results/cpu/bench_head_spo_refresh*.json``): the head alone
+    falls to 1.8-1.9, refreshed to 3.1-4.2, refreshed with teacher labels 4.4, with the carry 4.4-4.6 (teacher
+    4.6-4.7), with ~63% of the teacher's UNet rows.
 
     ``grad_denoiser(x, t, cond)`` must be differentiable in ``x`` (the sampler's own denoiser may be a CUDA graph);
     ``sampler`` and ``prompts`` (the current pass's prompt list, e.g. the trainer's ``DecodeScorer``) are set by the
