@@ -25,9 +25,10 @@ fast+head_verify  the fast path with the verified head: the head scores the k*b 
            pool's pair; only those 2b candidates get the x0 estimate, the VAE decode and the SPM (which orders the
            pair), and the UNet runs on the b continuations.
 
-fast+head_refresh  the head alone with its online refresh (``preference.head_refresh 2``): on every 2nd scored
-           step the SPM's gradient at the pool means (through the policy's x0 estimate, the VAE decoder and the SPM;
-           counted in the phase ``score``), and after training 20 head optimizer steps (phase ``head_refresh``).
+fast+head_refresh  the head with its online refresh (``preference.head_refresh 3``, the library defaults): on every
+           3rd scored step the SPM's gradient at the pool means (through the policy's x0 estimate, the VAE decoder
+           and the SPM; counted in the phase ``score``), and after training 20 head optimizer steps (phase
+           ``head_refresh``).
 
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
@@ -551,7 +552,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -
     head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
     if refresh:
         scorer: Any = RefreshingHeadScorer(
-            head, comps, trainer.image_scorer, trainer._policy_grad, lambda ps: trainer.encoder(ps).embeds, every=2
+            head, comps, trainer.image_scorer, trainer._policy_grad, lambda ps: trainer.encoder(ps).embeds, every=3
         )
     else:
         scorer = HeadScorer(head)

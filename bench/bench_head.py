@@ -208,6 +208,7 @@ def spo_section(
     methods: tuple[str, ...] = SPO_METHODS,
     seed: int = 0,
     threshold: float | None = None,
+    refresh_every: int = 2,
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
@@ -226,9 +227,10 @@ def spo_section(
             sampling: dict[str, Any] = {"num_candidates": 2} if method == "teacher_k2" else {}
             if threshold is not None:  # the pair rule's margin threshold (default: the toy preset's)
                 sampling["threshold"] = threshold
-            # head_refresh: the trainer builds the head and its online refresh (preference.head_refresh 2).
-            pref: dict[str, Any] = {"head": head_path, "head_refresh": 2} if method.startswith("head_refresh") else {}
+            # head_refresh*: the trainer builds the head and its online refresh (preference.head_refresh N).
+            pref: dict[str, Any] = {}
             if method.startswith("head_refresh"):  # labels of the refreshed steps: the head's, or the teacher's
+                pref = {"head": head_path, "head_refresh": refresh_every}
                 pref["head_refresh_teacher_labels"] = method != "head_refresh"
                 pref["head_refresh_carry"] = method == "head_refresh_carry"
             cfg = make_config("toy", overrides={
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--spo-methods", nargs="+", default=list(SPO_METHODS), choices=SPO_METHODS)
     ap.add_argument("--spo-seed", type=int, default=0, help="the SPO runs' train.seed (prompts, noise, LoRA init)")
     ap.add_argument("--spo-threshold", type=float, default=None, help="the SPO runs' pair threshold (default: preset)")
+    ap.add_argument("--spo-refresh-every", type=int, default=2, help="head_refresh methods: preference.head_refresh")
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -303,9 +306,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tuple(args.spo_methods),
             args.spo_seed,
             args.spo_threshold,
+            args.spo_refresh_every,
         )
         payload["spo"] = s
         payload["spo_threshold"] = args.spo_threshold
+        payload["spo_refresh_every"] = args.spo_refresh_every
         for m, curve in s.items():
             last = curve[-1]
             print(

@@ -7,7 +7,7 @@ Runs, on the built-in toy world (no downloads), each as a subprocess:
 2. the exported LoRA loaded with diffusers' ``StableDiffusionPipeline.load_lora_weights`` on the device (it must
    change the UNet's output);
 3. ``python -m spo_fast.train_head`` (a short distillation), then ``python -m spo_fast.train`` with the head in
-   verified mode, alone, and alone with the online refresh (``--preference.head_refresh 2``), 2 iterations each;
+   verified mode, alone, and alone with the online refresh (``--preference.head_refresh 3``), 2 iterations each;
 4. ``torchrun --nproc_per_node 1 -m spo_fast.train`` (the distributed path: NCCL on CUDA, gloo on CPU), 2 iterations.
 
 Writes one JSON (each step's return code, seconds and the numbers it produced; a failed step keeps its stderr
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, extra in (
                 ("spo_verified_head", ["--preference.verify_head=true"]),
                 ("spo_head_alone", ["--preference.verify_head=false"]),
-                ("spo_head_refresh", ["--preference.head_refresh=2"]),  # teacher gradients through the policy
+                ("spo_head_refresh", ["--preference.head_refresh=3"]),  # teacher gradients through the policy
             ):
                 folder = work / name
                 _run(name, [*base, "--overwrite", "--train.iterations=2", f"--log.output_dir={folder}",

@@ -62,7 +62,7 @@ class PreferenceConfig:
     head_refresh: int = _f(
         0,
         "with a direction head: record this preference model's gradient at the pool means on every N-th scored step "
-        "and fine-tune the head on them after each iteration, so it follows the policy's pools (0: off; toy: 2)",
+        "and fine-tune the head on them after each iteration, so it follows the policy's pools (0: off; toy: 3)",
     )
     head_refresh_steps: int = _f(20, "head optimizer steps per iteration when head_refresh > 0")
     head_refresh_lr: float = _f(1e-3, "AdamW learning rate of the head refresh")
@@ -73,7 +73,7 @@ class PreferenceConfig:
         "anyway), the others by the head; false: every label from the head",
     )
     head_refresh_carry: bool = _f(
-        False, "head refresh: steps between refreshed ones are labelled by the pass's last teacher gradient"
+        True, "head refresh: steps between refreshed ones are labelled by the pass's last teacher gradient"
     )
 
 

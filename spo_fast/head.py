@@ -871,9 +871,10 @@ class RefreshingHeadScorer(HeadScorer):
     pools are labelled by that gradient (first-order scores ``<g*, x_i - mean>``, which order 93% of the teacher's
     valid pairs on the toy world) and the other steps' by the head; without it every label is the head's. With
     ``carry`` the steps in between are labelled by the pass's last recorded gradient instead of the head.
-    Measured on the toy world (40 iterations, ``bench/results/cpu/bench_head_spo_refresh*.json``): the head alone
-    falls to 1.8-1.9, refreshed to 3.1-4.2, refreshed with teacher labels 4.4, with the carry 4.4-4.6 (teacher
-    4.6-4.7), with ~63% of the teacher's UNet rows.
+    Measured on the toy world (40 iterations, three seeds, ``bench/results/cpu/bench_head_spo_refresh*.json``): the
+    head alone falls to 1.8-1.9, refreshed with head labels to 3.1-4.2; with teacher labels 4.42-4.49, with the
+    carry 4.43-4.65 (every = 2), and with the carry every 3rd step 4.52-4.65, mean 4.60 against the teacher's
+    4.49-4.67, mean 4.59, with ~55% of the teacher's UNet rows (the defaults: teacher labels and carry on).
 
     ``grad_denoiser(x, t, cond)`` must be differentiable in ``x`` (the sampler's own denoiser may be a CUDA graph);
     ``sampler`` and ``prompts`` (the current pass's prompt list, e.g. the trainer's ``DecodeScorer``) are set by the
@@ -895,7 +896,7 @@ class RefreshingHeadScorer(HeadScorer):
         steps_per_batch: int = 4,
         seed: int = 0,
         teacher_labels: bool = True,
-        carry: bool = False,
+        carry: bool = True,
     ) -> None:
         if head.config.encoder != "direction":
             raise ValueError(
