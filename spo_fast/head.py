@@ -928,7 +928,8 @@ class RefreshingHeadScorer(HeadScorer):
     def __call__(
         self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor | None = None
     ) -> Tensor:
-        scores = super().__call__(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
+        # The head runs only where its scores are the labels: a recorded step with teacher labels, or a carried one,
+        # is labelled by a teacher gradient instead.
         self.calls += 1
         b = parent_x0.shape[0]
         cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
@@ -938,15 +939,14 @@ class RefreshingHeadScorer(HeadScorer):
             self._last = (t, g)
             if self.teacher_labels:
                 # The teacher's gradient is at hand for these pools: their labels use it (first-order scores).
-                scores = direction_scores(cand, g.to(cand.dtype)).reshape(-1)
+                return direction_scores(cand, g.to(cand.dtype)).reshape(-1)
         elif self.carry and self._last is not None:
             if self._last[0] > t and self._last[1].shape == cand.shape[1:]:
                 # The same pass's last recorded gradient, a scored step or more back: consecutive steps' gradients
                 # point the same way (toy world: cosine 0.5-0.7 at t > 500, 0.8-0.99 below).
-                scores = direction_scores(cand, self._last[1].to(cand.dtype)).reshape(-1)
-            else:  # a new pass (t rose again) or another batch: nothing to carry
-                self._last = None
-        return scores
+                return direction_scores(cand, self._last[1].to(cand.dtype)).reshape(-1)
+            self._last = None  # a new pass (t rose again) or another batch: nothing to carry
+        return super().__call__(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
 
     def _record(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor) -> Tensor:
         import copy
