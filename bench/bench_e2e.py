@@ -44,6 +44,11 @@ per iteration over the iteration time and the device's dense bf16 peak; CUDA onl
 ``--scale full`` builds SD1.5-architecture models (UNet, VAE, CLIP-L text encoder) and a CLIP-ViT-H/14-sized step-aware
 preference model from configs with random weights (timing only; nothing is downloaded). ``--scale small`` runs the
 same at tiny sizes on CPU in seconds (the CI smoke test).
+
+A spo_fast mode with the suffix ``@compile`` (``fast@compile``, ``fast+head@compile``, ...) runs with
+``model.compile``: torch.compile (inductor) on the UNet's training and reference forwards, and on sampling where no
+CUDA graphs run. Its warm-up iterations pay the compilation (minutes on a CPU): raise ``--warmup`` if a timed
+iteration still recompiles (``TORCH_LOGS=recompiles`` shows it).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import logging
 import statistics
@@ -354,12 +360,13 @@ class Mode:
         return None if self.build_bytes is None else self.build_bytes + self.iteration_peak_bytes
 
 
-def _config(setup: Setup, dtype: str, mixed: str, out: Path) -> Any:
+def _config(setup: Setup, dtype: str, mixed: str, out: Path, compile: bool = False) -> Any:
     a = setup.args
     return make_config(
         "sd15",
         overrides={
-            "model": {"pretrained": str(setup.folder), "kind": "sd15", "dtype": dtype, "attention": a.attention},
+            "model": {"pretrained": str(setup.folder), "kind": "sd15", "dtype": dtype, "attention": a.attention,
+                      "compile": compile},
             "preference": {"kind": "toy"},  # replaced by the bench's SPM through SPOTrainer(image_scorer=...)
             "data": {"prompts": str(setup.prompts_file), "eval_prompts": ""},
             "sampling": {"batch_size": a.prompts, "num_candidates": a.k, "num_steps": a.steps,
@@ -472,7 +479,8 @@ def _build_fast(setup: Setup) -> tuple[Mode, SPOTrainer, Timer]:
     spm = build_spm(setup.folder, a.scale, dev, dtype, a.seed)
     torch.manual_seed(a.seed)  # the same LoRA initialisation as the official mode
     out = tempfile.TemporaryDirectory()
-    cfg = _config(setup, dname, "bf16" if dtype == torch.bfloat16 else "no", Path(out.name) / "run")
+    mixed = "bf16" if dtype == torch.bfloat16 else "no"
+    cfg = _config(setup, dname, mixed, Path(out.name) / "run", getattr(a, "compile", False))
     trainer = SPOTrainer(cfg, image_scorer=spm)
     comps = trainer.components
     attention = configure_attention(comps.unet, a.attention)
@@ -505,6 +513,7 @@ def _build_fast(setup: Setup) -> tuple[Mode, SPOTrainer, Timer]:
         "attention": attention,
         "cuda_graphs": graphed.stats if isinstance(graphed, GraphedDenoiser) else None,
         "loss_impl": spo_fast.loss_impl(),
+        "compile": cfg.model.compile_backend if cfg.model.compile else None,
     }
     built = _allocated(dev)
 
@@ -669,7 +678,10 @@ def make_prompts(n: int, seed: int) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=("full", "small"), default="full", help="SD1.5 sizes, or tiny models on CPU")
-    ap.add_argument("--modes", nargs="+", default=["official", "fast"], help=f"of {sorted(RUNNERS)}")
+    ap.add_argument(
+        "--modes", nargs="+", default=["official", "fast"],
+        help=f"of {sorted(RUNNERS)}; a spo_fast mode with the suffix '@compile' runs under model.compile",
+    )  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompts", type=int, default=10, help="prompts per sampling pass (official: 10)")
     ap.add_argument("--k", type=int, default=4, help="candidates per pool (official SD1.5: 4)")
@@ -689,10 +701,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_e2e.json)")
     args = ap.parse_args(argv)
     for m in args.modes:
-        if m in PLANNED:
-            ap.error(f"mode {m!r} is not available yet: {PLANNED[m]}")
-        if m not in RUNNERS:
-            ap.error(f"unknown mode {m!r}; choose from {sorted(RUNNERS)}")
+        base, _, variant = m.partition("@")
+        if base in PLANNED:
+            ap.error(f"mode {base!r} is not available yet: {PLANNED[base]}")
+        if base not in RUNNERS:
+            ap.error(f"unknown mode {base!r}; choose from {sorted(RUNNERS)}")
+        if variant and (variant != "compile" or base == "official"):
+            ap.error(f"mode {m!r}: the only variant is '@compile', of a spo_fast mode (the official loop is eager)")
     if args.iters is None:
         args.iters = 3 if args.scale == "small" else 2
     if args.threads is None and args.scale == "small":
@@ -718,7 +733,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         modes = {}
         for name in args.modes:
             t0 = time.perf_counter()
-            modes[name] = RUNNERS[name](setup)
+            base, _, variant = name.partition("@")
+            mode_setup = setup
+            if variant == "compile":
+                mode_setup = dataclasses.replace(setup, args=argparse.Namespace(**{**vars(args), "compile": True}))
+            modes[name] = RUNNERS[base](mode_setup)
             logger.info("built mode %s in %.1f s", name, time.perf_counter() - t0)
         # Iterations alternate between the modes, so drifting load on a shared machine hits every mode alike. The
         # optimizer state is allocated on a mode's first step, after its build: state_bytes is read after the run.

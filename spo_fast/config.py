@@ -45,6 +45,12 @@ class ModelConfig:
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     attention: str = _f("auto", "auto | sdpa | xformers: attention backend (auto = xformers if it runs, else SDPA)")
+    compile: bool = _f(
+        False,
+        "torch.compile the UNet: the training forward and backward, the reference, and sampling where no CUDA graphs "
+        "run (the first iterations pay the compilation: minutes on a CPU)",
+    )
+    compile_backend: str = _f("inductor", "torch.compile backend with model.compile (aot_eager: no code generation)")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .attention import configure_attention
 from .config import SPOConfig, config_hash, config_to_dict
-from .cuda_graphs import maybe_graph
+from .cuda_graphs import cuda_graphs_requested, maybe_graph
 from .distributed import DistributedContext, digest, load_deepspeed_config, require_deepspeed
 from .ledger import PairLedger
 from .loss import CFGPrediction, spo_log_ratio, spo_loss_from_log_ratios, spo_loss_per_pair
@@ -104,6 +104,13 @@ def validate_config(cfg: SPOConfig) -> None:
         raise ValueError(f"model.dtype must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
     if cfg.preference.kind not in ("toy", "step_aware"):
         raise ValueError(f"preference.kind must be 'toy' or 'step_aware', got {cfg.preference.kind!r}")
+    if cfg.model.compile:
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if cfg.model.compile_backend not in backends:
+            raise ValueError(
+                f"model.compile_backend {cfg.model.compile_backend!r} is not a torch.compile backend: use inductor "
+                f"(default) or one of {', '.join(backends)}"
+            )
     if cfg.preference.head and not Path(cfg.preference.head).is_file():
         raise ValueError(
             f"preference.head {cfg.preference.head!r} does not exist: train one with "
@@ -253,6 +260,11 @@ class SPOTrainer:
         )
         self.ds_config = None
         if deepspeed_config is not None:
+            if cfg.model.compile:
+                raise ValueError(
+                    "model.compile is not supported with DeepSpeed (its engine owns the module): drop --model.compile, "
+                    "or train with DDP (torchrun without --deepspeed)"
+                )
             t = cfg.train
             self.ds_config = load_deepspeed_config(
                 deepspeed_config, t.batch_size, t.grad_accum, self.world_size, t.max_grad_norm, cfg.model.lora_rank > 0
@@ -333,15 +345,31 @@ class SPOTrainer:
         self.encoder = PromptEncoder(self.components, device=self.device)
         uncond = self.encoder([""])
         g = cfg.sampling.guidance_scale
-        self.policy = CFGDenoiser(unet, uncond, g)
-        self.reference = CFGDenoiser(self.ref_unet if self.ref_unet is not None else unet, uncond, g)
+        ref_unet = self.ref_unet if self.ref_unet is not None else unet
+        self._compiled: dict[int, Any] = {}
+        sample_unet = unet
+        if cfg.model.compile:
+            ref_unet = self._compile(ref_unet)
+            # CUDA graphs already replay the sampling forwards without launch overhead; a compiled module inside a
+            # capture is not something this code relies on, so graphed sampling stays eager.
+            if not cuda_graphs_requested(None, self.device):
+                sample_unet = self._compile(unet)
+        self.policy = CFGDenoiser(sample_unet, uncond, g)
+        self.reference = CFGDenoiser(ref_unet, uncond, g)
         self.image_scorer = self._build_preference()
+        # The fused AdamW (one kernel over all parameters) where it exists: LoRA is many small tensors, so the
+        # per-tensor loop costs ~3.7x more per step on a CPU (bench: 1.93 vs 0.53 ms at small scale). DeepSpeed
+        # wraps the optimizer itself and keeps the plain one.
+        fused = self.ds_config is None and all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params
+        )
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.train.lr,
             betas=tuple(cfg.train.adam_betas),
             weight_decay=cfg.train.weight_decay,
             eps=cfg.train.adam_eps,
+            fused=fused or None,
         )
         warm = cfg.train.warmup_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -413,7 +441,18 @@ class SPOTrainer:
             train_unet = self.dist.wrap_ddp(unet)
         self.train_unet = train_unet
         g = self.policy.guidance_scale
-        self.train_policy = self.policy if train_unet is unet else CFGDenoiser(train_unet, self.policy.uncond, g)
+        if self.cfg.model.compile:
+            # DDP under torch.compile: dynamo splits the graph at the gradient buckets (DDPOptimizer), so the
+            # all-reduce still overlaps the backward.
+            train_unet = self._compile(train_unet)
+        self.train_policy = CFGDenoiser(train_unet, self.policy.uncond, g)
+
+    def _compile(self, module: Any) -> Any:
+        """One ``torch.compile`` wrapper per module (it shares the module's parameters and adapters)."""
+        key = id(module)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(module, backend=self.cfg.model.compile_backend)
+        return self._compiled[key]
 
     def _all_ranks_forward(self) -> bool:
         """ZeRO-3 partitions the weights: every forward (evaluation too) needs all ranks to gather them."""

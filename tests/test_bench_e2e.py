@@ -32,7 +32,7 @@ def test_bench_e2e_small(tmp_path):
     assert data["speedups"]["fast"]["training"] > 0
 
 
-@pytest.mark.parametrize("mode", ["nope"])
+@pytest.mark.parametrize("mode", ["nope", "official@compile", "fast@nope", "nope@compile"])
 def test_bench_e2e_rejects_unavailable_modes(mode):
     sys.path.insert(0, str(BENCH))
     try:
@@ -42,6 +42,7 @@ def test_bench_e2e_rejects_unavailable_modes(mode):
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--modes", mode])
     assert bench_e2e.parse_args(["--modes", "official", "fast", "fast+head"]).modes[-1] == "fast+head"
+    assert bench_e2e.parse_args(["--modes", "official", "fast@compile"]).modes[-1] == "fast@compile"
 
 
 def test_bench_e2e_small_head_mode(tmp_path):

@@ -146,3 +146,33 @@ def test_reference_batches_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="train.reference_batches must be >= 1"):
         SPOTrainer(make_config("toy", overrides={**SMALL, "train.reference_batches": 0,
                                                  "log.output_dir": str(tmp_path / "r")}))  # fmt: skip
+
+
+def test_compiled_unet_trains_like_eager(tmp_path):
+    """model.compile: the UNet runs under torch.compile (sampling on CPU, the policy's training forward and backward,
+    the reference with adapters disabled) and the run's losses are the eager run's. The aot_eager backend traces
+    the same graphs as inductor (dynamo + AOT autograd) without code generation, which keeps the test to ~1 minute;
+    bench_e2e.py --compile times inductor."""
+    losses = {}
+    for comp in (False, True):
+        over = {**SMALL, "train.iterations": 2, "model.compile": comp, "model.compile_backend": "aot_eager",
+                "log.output_dir": str(tmp_path / f"c{comp}")}  # fmt: skip
+        trainer = SPOTrainer(make_config("toy", overrides=over))
+        if comp:
+            assert trainer._compiled and all(
+                isinstance(d.unet, torch._dynamo.eval_frame.OptimizedModule)
+                for d in (trainer.policy, trainer.reference, trainer.train_policy)
+            )
+        trainer.run()
+        losses[comp] = _losses(tmp_path / f"c{comp}")
+    assert len(losses[True]) >= 4
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=0, atol=1e-5)
+
+
+def test_compile_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="not a torch.compile backend: use inductor"):
+        SPOTrainer(make_config("toy", overrides={**SMALL, "model.compile": True, "model.compile_backend": "nope",
+                                                 "log.output_dir": str(tmp_path / "r")}))  # fmt: skip
+    over = {**SMALL, "model.compile": True, "log.output_dir": str(tmp_path / "d")}
+    with pytest.raises(ValueError, match="model.compile is not supported with DeepSpeed"):
+        SPOTrainer(make_config("toy", overrides=over), deepspeed_config={"train_micro_batch_size_per_gpu": 4})
