@@ -6,7 +6,7 @@
 # ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash bench/gpu_session.sh [tests|e2e|loss|direction|layout|refbatch|cli ...]   # default: all, in that order
+#   bash bench/gpu_session.sh [tests|e2e|compile|loss|direction|layout|refbatch|cli ...]   # default: all, in that order
 #
 # One device call may run 600 s at most and a session has ~15 minutes of device time, machine start included: the
 # default list takes longer than that (worst case ~17 min of step limits), so name the steps of each call, most
@@ -18,11 +18,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests e2e loss direction layout refbatch cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests e2e compile loss direction layout refbatch cli)
 # Unknown steps fail before any install or import.
 for step in "${steps[@]}"; do
-  case $step in tests|e2e|loss|direction|layout|refbatch|cli) ;;
-    *) echo "unknown step $step (steps: tests e2e loss direction layout refbatch cli)"; exit 2 ;;
+  case $step in tests|e2e|compile|loss|direction|layout|refbatch|cli) ;;
+    *) echo "unknown step $step (steps: tests e2e compile loss direction layout refbatch cli)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -65,6 +65,12 @@ for step in "${steps[@]}"; do
       # (head modes) and building a mode ~5-17 s: the four first modes took 208 s there (2026-12-04).
       timeout 330 $PY bench/bench_e2e.py --scale full --modes official fast fast+head fast+head_verify fast+head_refresh \
         --warmup 1 --iters 1 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
+    compile)
+      # model.compile at SD1.5 size: the fast path and the head alone, eager vs torch.compile (training and reference
+      # forwards compiled; sampling stays on CUDA graphs). Two warm-up iterations absorb the compilation (several
+      # graphs, ~1 min each on a GPU host): not measured yet, hence the generous limit.
+      timeout 420 $PY bench/bench_e2e.py --scale full --modes official fast fast@compile fast+head fast+head@compile \
+        --warmup 2 --iters 1 --out "$OUT/bench_e2e_full_compile.json" >> "$OUT/log.txt" 2>&1 ;;
     layout)
       # NCHW vs channels_last (and cuDNN autotuning) for the VAE decode and the UNet at SD1.5 size, bf16: ~1 min.
       timeout 90 $PY bench/bench_conv_layout.py --dtypes bf16 --repeats 10 --out "$OUT/bench_conv_layout.json" \
