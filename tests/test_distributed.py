@@ -426,6 +426,20 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(cli_world, ddp_run)
             assert got[i][k] == pytest.approx(want[i][k], rel=1e-6, abs=1e-7), (i, k)
 
 
+def test_compiled_ddp_matches_eager_ddp(cli_world, ddp_run):
+    """--model.compile under torchrun: each rank compiles the DDP-wrapped UNet (dynamo splits the graph at DDP's
+    gradient buckets); the first two iterations' losses and gradient norms are the eager run's. aot_eager traces the
+    same graphs as inductor without code generation (bench_e2e.py times inductor)."""
+    out = cli_world["root"] / "ddp_compile"
+    args = [*_cli_args(cli_world, out, iterations=2), "--model.compile", "true", "--model.compile_backend", "aot_eager"]
+    _finish(_torchrun(args, _free_port()), timeout=480)
+    want, got = _losses(ddp_run["out"]), _losses(out)
+    assert sorted(got) == [1, 2]
+    for i in got:
+        for k in ("loss", "grad_norm"):
+            assert got[i][k] == pytest.approx(want[i][k], rel=1e-5, abs=1e-6), (i, k)
+
+
 @pytest.mark.skipif(
     not is_deepspeed_available(), reason="deepspeed is not installed (pip install 'spo_fast[deepspeed]')"
 )
