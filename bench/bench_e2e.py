@@ -47,8 +47,9 @@ same at tiny sizes on CPU in seconds (the CI smoke test).
 
 A spo_fast mode with the suffix ``@compile`` (``fast@compile``, ``fast+head@compile``, ...) runs with
 ``model.compile``: torch.compile (inductor) on the UNet's training and reference forwards, and on sampling where no
-CUDA graphs run. Its warm-up iterations pay the compilation (minutes on a CPU): raise ``--warmup`` if a timed
-iteration still recompiles (``TORCH_LOGS=recompiles`` shows it).
+CUDA graphs run. Its warm-up iterations pay the compilation (minutes on a CPU; inductor's cache makes a rerun
+quicker); the JSON records the graphs built in warm-up and in timed iterations (``compiled_graphs_timed`` must be 0,
+else raise ``--warmup``; ``TORCH_LOGS=recompiles`` says why).
 """
 
 from __future__ import annotations
@@ -274,16 +275,29 @@ def _state_bytes(*modules: Any) -> int:
     return total
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_timed(mode: Mode, it: int, device: torch.device, record: bool) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    graphs = _compiled_graphs()
     rec = mode.iteration(it)
     if device.type == "cuda":
         mode.iteration_peak_bytes = max(mode.iteration_peak_bytes, torch.cuda.max_memory_allocated() - base)
     if record:
         mode.records.append(rec)
+    if mode.details.get("compile"):
+        # Graphs torch.compile built during this iteration: a timed iteration that compiles is not a steady state.
+        key = "compiled_graphs_timed" if record else "compiled_graphs_warmup"
+        mode.details[key] = mode.details.get(key, 0) + _compiled_graphs() - graphs
+        if record and _compiled_graphs() > graphs:
+            logger.warning("iteration %d compiled %d new graph(s): raise --warmup", it, _compiled_graphs() - graphs)
     # Progress in the log: a run stopped by a time limit still shows what each iteration cost.
     phases = " ".join(f"{k} {v:.2f}" for k, v in rec.phases.items())
     logger.info(
