@@ -575,7 +575,12 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -
     head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
     if refresh:
         scorer: Any = RefreshingHeadScorer(
-            head, comps, trainer.image_scorer, trainer._policy_grad, lambda ps: trainer.encoder(ps).embeds, every=3
+            head,
+            comps,
+            trainer.image_scorer,
+            trainer._policy_grad,
+            lambda ps: trainer.encoder(ps).embeds,
+            every=setup.args.refresh_every,
         )
     else:
         scorer = HeadScorer(head)
@@ -710,6 +715,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fast-dtype", default="bf16", help="fast-path precision on CUDA")
     ap.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers"), help="fast-path attention")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="fast path without graphs")
+    ap.add_argument("--refresh-every", type=int, default=3, help="fast+head_refresh: preference.head_refresh N")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 at small scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_e2e.json)")
@@ -802,7 +808,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{mode} vs official: " + "  ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None))
     config = {
         k: getattr(args, k)
-        for k in ("scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters")
+        for k in (
+            "scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
+            "refresh_every",
+        )  # fmt: skip
     }
     payload = {"environment": environment(), "config": config, "modes": rows, "speedups": speedups}
     path = write_json("bench_e2e", payload, args.out)
