@@ -809,7 +809,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {
         k: getattr(args, k)
         for k in (
-            "scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
+            "scale",
+            "prompts",
+            "k",
+            "steps",
+            "divert",
+            "cfg",
+            "train_batch",
+            "threshold",
+            "warmup",
+            "iters",
             "refresh_every",
         )  # fmt: skip
     }
