@@ -294,10 +294,11 @@ def run_timed(mode: Mode, it: int, device: torch.device, record: bool) -> None:
         mode.records.append(rec)
     if mode.details.get("compile"):
         # Graphs torch.compile built during this iteration: a timed iteration that compiles is not a steady state.
+        built = _compiled_graphs() - graphs
         key = "compiled_graphs_timed" if record else "compiled_graphs_warmup"
-        mode.details[key] = mode.details.get(key, 0) + _compiled_graphs() - graphs
-        if record and _compiled_graphs() > graphs:
-            logger.warning("iteration %d compiled %d new graph(s): raise --warmup", it, _compiled_graphs() - graphs)
+        mode.details[key] = mode.details.get(key, 0) + built
+        if record and built:
+            logger.warning("iteration %d compiled %d new graph(s): raise --warmup", it, built)
     # Progress in the log: a run stopped by a time limit still shows what each iteration cost.
     phases = " ".join(f"{k} {v:.2f}" for k, v in rec.phases.items())
     logger.info(
@@ -494,7 +495,7 @@ def _build_fast(setup: Setup) -> tuple[Mode, SPOTrainer, Timer]:
     torch.manual_seed(a.seed)  # the same LoRA initialisation as the official mode
     out = tempfile.TemporaryDirectory()
     mixed = "bf16" if dtype == torch.bfloat16 else "no"
-    cfg = _config(setup, dname, mixed, Path(out.name) / "run", getattr(a, "compile", False))
+    cfg = _config(setup, dname, mixed, Path(out.name) / "run", a.compile)
     trainer = SPOTrainer(cfg, image_scorer=spm)
     comps = trainer.components
     attention = configure_attention(comps.unet, a.attention)
@@ -628,6 +629,9 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
     "fast+head_refresh": lambda setup: build_fast_head(setup, refresh=True),
 }
 PLANNED: dict[str, str] = {}
+# The run's settings copied into the JSON.
+CONFIG_KEYS = ("scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
+               "refresh_every")  # fmt: skip
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -719,6 +723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 at small scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_e2e.json)")
+    ap.set_defaults(compile=False)  # set per mode by the '@compile' suffix
     args = ap.parse_args(argv)
     for m in args.modes:
         base, _, variant = m.partition("@")
@@ -806,22 +811,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(table, list(table[0]))
     for mode, sp in speedups.items():
         print(f"{mode} vs official: " + "  ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None))
-    config = {
-        k: getattr(args, k)
-        for k in (
-            "scale",
-            "prompts",
-            "k",
-            "steps",
-            "divert",
-            "cfg",
-            "train_batch",
-            "threshold",
-            "warmup",
-            "iters",
-            "refresh_every",
-        )  # fmt: skip
-    }
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
     payload = {"environment": environment(), "config": config, "modes": rows, "speedups": speedups}
     path = write_json("bench_e2e", payload, args.out)
     print(f"wrote {path}")

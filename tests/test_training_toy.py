@@ -152,7 +152,7 @@ def test_compiled_unet_trains_like_eager(tmp_path):
     """model.compile: the UNet runs under torch.compile (sampling on CPU, the policy's training forward and backward,
     the reference with adapters disabled) and the run's losses are the eager run's. The aot_eager backend traces
     the same graphs as inductor (dynamo + AOT autograd) without code generation, which keeps the test to ~1 minute;
-    bench_e2e.py --compile times inductor."""
+    bench_e2e.py's '@compile' modes time inductor."""
     losses = {}
     for comp in (False, True):
         over = {**SMALL, "train.iterations": 2, "model.compile": comp, "model.compile_backend": "aot_eager",
