@@ -75,7 +75,7 @@ from torch import Tensor
 
 import spo_fast
 from spo_fast.attention import configure_attention
-from spo_fast.config import make_config
+from spo_fast.config import PreferenceConfig, make_config
 from spo_fast.cuda_graphs import GraphedDenoiser, maybe_graph
 from spo_fast.ledger import PairLedger
 from spo_fast.loss import spo_loss_from_log_ratios
@@ -582,6 +582,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -
             trainer._policy_grad,
             lambda ps: trainer.encoder(ps).embeds,
             every=setup.args.refresh_every,
+            steps=setup.args.refresh_steps,
         )
     else:
         scorer = HeadScorer(head)
@@ -631,7 +632,7 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
 PLANNED: dict[str, str] = {}
 # The run's settings copied into the JSON.
 CONFIG_KEYS = ("scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
-               "refresh_every")  # fmt: skip
+               "refresh_every", "refresh_steps")  # fmt: skip
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -720,6 +721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers"), help="fast-path attention")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="fast path without graphs")
     ap.add_argument("--refresh-every", type=int, default=3, help="fast+head_refresh: preference.head_refresh N")
+    ap.add_argument(
+        "--refresh-steps",
+        type=int,
+        default=PreferenceConfig().head_refresh_steps,
+        help="fast+head_refresh: preference.head_refresh_steps (head optimizer steps per iteration)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 at small scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_e2e.json)")

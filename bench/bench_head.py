@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from _common import environment, median_time, print_table, write_json
 
+from spo_fast.config import PreferenceConfig
 from spo_fast.head import HeadArchConfig, HeadScorer, NoisyLatentPreferenceHead, scheduler_signature
 
 logger = logging.getLogger("bench_head")
@@ -209,6 +210,7 @@ def spo_section(
     seed: int = 0,
     threshold: float | None = None,
     refresh_every: int = 2,
+    refresh_steps: int | None = None,
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
@@ -233,6 +235,8 @@ def spo_section(
                 pref = {"head": head_path, "head_refresh": refresh_every}
                 pref["head_refresh_teacher_labels"] = method != "head_refresh"
                 pref["head_refresh_carry"] = method == "head_refresh_carry"
+                if refresh_steps is not None:  # head optimizer steps per iteration (default: the library's)
+                    pref["head_refresh_steps"] = refresh_steps
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--spo-seed", type=int, default=0, help="the SPO runs' train.seed (prompts, noise, LoRA init)")
     ap.add_argument("--spo-threshold", type=float, default=None, help="the SPO runs' pair threshold (default: preset)")
     ap.add_argument("--spo-refresh-every", type=int, default=2, help="head_refresh methods: preference.head_refresh")
+    ap.add_argument(
+        "--spo-refresh-steps", type=int, default=None, help="head_refresh methods: preference.head_refresh_steps"
+    )
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -307,10 +314,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.spo_seed,
             args.spo_threshold,
             args.spo_refresh_every,
+            args.spo_refresh_steps,
         )
         payload["spo"] = s
         payload["spo_threshold"] = args.spo_threshold
         payload["spo_refresh_every"] = args.spo_refresh_every
+        # The effective value (None = the library's default at the time of the run).
+        payload["spo_refresh_steps"] = (
+            args.spo_refresh_steps if args.spo_refresh_steps is not None else PreferenceConfig().head_refresh_steps
+        )
         for m, curve in s.items():
             last = curve[-1]
             print(

@@ -70,7 +70,9 @@ class PreferenceConfig:
         "with a direction head: record this preference model's gradient at the pool means on every N-th scored step "
         "and fine-tune the head on them after each iteration, so it follows the policy's pools (0: off; toy: 3)",
     )
-    head_refresh_steps: int = _f(20, "head optimizer steps per iteration when head_refresh > 0")
+    head_refresh_steps: int = _f(
+        5, "head optimizer steps per iteration when head_refresh > 0 (0: the head stays as trained)"
+    )
     head_refresh_lr: float = _f(1e-3, "AdamW learning rate of the head refresh")
     head_refresh_buffer: int = _f(200, "scored steps (b pools each) the head refresh draws its batches from")
     head_refresh_teacher_labels: bool = _f(

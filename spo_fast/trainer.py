@@ -122,11 +122,17 @@ def validate_config(cfg: SPOConfig) -> None:
             f"<head.pt>, trained with `python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}`"
         )
     pr = cfg.preference
-    if pr.head_refresh < 0 or pr.head_refresh_steps < 1 or pr.head_refresh_buffer < 1 or pr.head_refresh_lr <= 0:
+    if pr.head_refresh < 0 or pr.head_refresh_steps < 0 or pr.head_refresh_buffer < 1 or pr.head_refresh_lr <= 0:
         raise ValueError(
-            "preference.head_refresh must be >= 0, head_refresh_steps and head_refresh_buffer >= 1 and "
+            "preference.head_refresh and head_refresh_steps must be >= 0, head_refresh_buffer >= 1 and "
             f"head_refresh_lr > 0 (got {pr.head_refresh}, {pr.head_refresh_steps}, {pr.head_refresh_buffer}, "
             f"{pr.head_refresh_lr})"
+        )
+    if pr.head_refresh and pr.head_refresh_steps == 0 and not (pr.head_refresh_teacher_labels or pr.head_refresh_carry):
+        raise ValueError(
+            "preference.head_refresh_steps 0 keeps the head as trained, and without head_refresh_teacher_labels or "
+            "head_refresh_carry the teacher's gradients would label nothing: enable one of them or set "
+            "head_refresh_steps >= 1"
         )
     if pr.head_refresh and not pr.head:
         raise ValueError(

@@ -510,7 +510,7 @@ def _refresh_config(out, head_path, iterations, every=1):
     })  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["teacher_labels", "head_labels", "carry"])
+@pytest.mark.parametrize("mode", ["teacher_labels", "head_labels", "carry", "carry_frozen"])
 def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, monkeypatch, mode):
     """preference.head_refresh: the recorded scored steps (every one; every 2nd for carry) get the teacher's
     gradient at the pool means with the policy's UNet (per recorded non-final step: b 2 x 2 lookahead jumps x CFG 2
@@ -518,15 +518,19 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
     repeated updates on one buffer lower the distillation loss and raise the cosine. Labels: a recorded step's
     pools get the first-order scores of its gradient (head_refresh_teacher_labels, the default) or the head's; with
     head_refresh_carry the steps in between get the first-order scores of the pass's last recorded gradient (the
-    head's at a pass's first step). The decode + score path of the teacher mode is never called."""
+    head's at a pass's first step). The decode + score path of the teacher mode is never called. With
+    head_refresh_steps 0 (carry_frozen) the labels are the same but the head stays as trained and nothing is kept."""
     from spo_fast.head import RefreshingHeadScorer, direction_scores
     from spo_fast.trainer import SPOTrainer
 
     path = _toy_direction_head(tmp_path / "head.pt")
-    every = 2 if mode == "carry" else 1
+    carry = mode.startswith("carry")
+    every = 2 if carry else 1
     cfg = _refresh_config(tmp_path / "run", path, 1, every=every)
     cfg.preference.head_refresh_teacher_labels = mode != "head_labels"
-    cfg.preference.head_refresh_carry = mode == "carry"
+    cfg.preference.head_refresh_carry = carry
+    if mode == "carry_frozen":
+        cfg.preference.head_refresh_steps = 0
     tr = SPOTrainer(cfg)
     assert isinstance(tr.sampler.head, RefreshingHeadScorer)
     calls, seen = [], []
@@ -536,11 +540,14 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
 
     def spy(self, latents, timesteps, cond, prompt_index, parent_x0=None):
         head_only = HeadScorer.__call__(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
-        n = len(self.buffer)
+        recorded = self._record
+        grads = []
+        self._record = lambda *a: grads.append(recorded(*a)) or grads[-1]
         out = call(self, latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
+        del self._record
         b = parent_x0.shape[0]
         cand = latents.view(latents.shape[0] // b, b, *latents.shape[1:])
-        grad = self.buffer[-1]["grad"] if len(self.buffer) > n else None
+        grad = grads[0] if grads else None
         seen.append((int(timesteps[0]), out, head_only, cand, grad))
         return out
 
@@ -548,20 +555,29 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
     before = {k: v.clone() for k, v in tr.head_refresher.head.state_dict().items()}
     pairs, prompts, _ = tr.sample_pairs(0)
     tr.train_on(pairs, prompts, 0)
-    assert not calls and len(seen) == 4 and len(tr.head_refresher.buffer) == 4 // every  # 4 scored steps
+    kept = 0 if mode == "carry_frozen" else 4 // every
+    assert not calls and len(seen) == 4 and len(tr.head_refresher.buffer) == kept  # 4 scored steps
+    if mode != "carry_frozen":  # the buffer holds the gradients the labels used
+        recorded = [grad for *_, grad in seen if grad is not None]
+        torch.testing.assert_close(tr.head_refresher.buffer[-1]["grad"], recorded[-1].float())
     last = None
     for _t, out, head_only, cand, grad in seen:
         if grad is not None:
             want = direction_scores(cand, grad).reshape(-1) if mode != "head_labels" else head_only
             last = grad
         else:
-            want = direction_scores(cand, last).reshape(-1) if mode == "carry" and last is not None else head_only
+            want = direction_scores(cand, last).reshape(-1) if carry and last is not None else head_only
         torch.testing.assert_close(out, want)
         if grad is not None:  # an untrained head: the two label sources differ
             assert not torch.allclose(head_only, direction_scores(cand, grad).reshape(-1))
     first = tr.refresh_head()
     recorded_nonfinal = sum(1 for t, *_, grad in seen if grad is not None and t > 0)
     assert tr.unet_rows["head_refresh"] == recorded_nonfinal * 2 * 2 * 2 * 3 > 0
+    if mode == "carry_frozen":
+        assert "head_refresh_loss" not in first
+        for k, v in tr.head_refresher.head.state_dict().items():
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+        return
     assert any(not torch.equal(before[k], v) for k, v in tr.head_refresher.head.state_dict().items())
     for _ in range(6):
         last_logs = tr.refresh_head()
@@ -598,7 +614,12 @@ def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
         validate_config(cfg)
     cfg = _refresh_config(tmp_path / "c", path, 1)
     cfg.preference.head_refresh = -1
-    with pytest.raises(ValueError, match="head_refresh must be >= 0"):
+    with pytest.raises(ValueError, match="head_refresh and head_refresh_steps must be >= 0"):
+        validate_config(cfg)
+    cfg = _refresh_config(tmp_path / "c", path, 1)
+    cfg.preference.head_refresh_steps = 0
+    cfg.preference.head_refresh_teacher_labels = cfg.preference.head_refresh_carry = False
+    with pytest.raises(ValueError, match="would label nothing"):
         validate_config(cfg)
     from spo_fast.head import RefreshingHeadScorer
 
