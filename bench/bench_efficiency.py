@@ -1,5 +1,7 @@
 """Training efficiency on the toy world: SPO (step-wise pools) against trajectory-level DPO (Diffusion-DPO / D3PO
-style) with the same models, sampler code, loss family and held-out evaluation.
+style) with the same models, sampler code, loss family and held-out evaluation; with ``--head`` also SPO with the
+noisy-latent head (``spo_head``: the head alone; ``spo_head_verify``: the head proposes, the teacher orders;
+``spo_head_refresh``: the head with the teacher's gradient every 3rd scored step, the library's refresh defaults).
 
 For each method it records the held-out preference score against wall-clock (sampling + training, evaluation
 excluded) and against UNet evaluations (latent rows through the UNet; CFG doubles a row, backward counts as two
@@ -19,10 +21,17 @@ from spo_fast.config import make_config
 from spo_fast.report import read_metrics
 from spo_fast.trainer import SPOTrainer
 
+HEAD_METHODS = {
+    "spo_head": {},
+    "spo_head_verify": {"preference.verify_head": True},
+    "spo_head_refresh": {"preference.head_refresh": 3},
+}
+METHODS = ("spo", "dpo", *HEAD_METHODS)
+
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
     overrides = {
-        "train.method": method,
+        "train.method": "dpo" if method == "dpo" else "spo",
         "train.iterations": args.iterations,
         "train.seed": args.seed,
         "log.eval_every": args.eval_every,
@@ -31,18 +40,20 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
         "log.progress": False,
         "data.num_eval_prompts": args.eval_prompts,
     }
+    if method in HEAD_METHODS:
+        overrides.update({"preference.head": args.head, **HEAD_METHODS[method]})
     if not (args.reuse and (out / method / "summary.json").is_file()):
         SPOTrainer(make_config("toy", overrides=overrides), overwrite=True).run()
     curve, wall = [], 0.0
     for r in read_metrics(out / method):
-        wall += r.get("time_sampling", 0.0) + r.get("time_training", 0.0)
+        wall += r.get("time_sampling", 0.0) + r.get("time_training", 0.0)  # training includes the head refresh
         if "eval_score" in r:
-            rows = r["unet_rows"]
+            rows = r["unet_rows"]  # the head refresh's teacher-gradient passes count too
             curve.append(
                 {
                     "iteration": r["iteration"],
                     "wall_s": wall,
-                    "unet_rows": rows["sampling"] + rows["training"],
+                    "unet_rows": rows["sampling"] + rows["training"] + rows.get("head_refresh", 0),
                     "eval_score": r["eval_score"],
                 }
             )
@@ -79,10 +90,10 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for method, curve in curves.items():
         for a, key, label in ((ax[0], "wall_s", "wall-clock seconds (CPU)"), (ax[1], "unet_rows", "UNet rows")):
-            a.plot([c[key] for c in curve], [c["eval_score"] for c in curve], "o-", label=method.upper())
+            a.plot([c[key] for c in curve], [c["eval_score"] for c in curve], "o-", label=method)
             a.set(xlabel=label, ylabel="held-out preference score")
     ax[0].legend()
-    fig.suptitle("SPO vs trajectory-level DPO on the toy world")
+    fig.suptitle("SPO (teacher or noisy-latent head) vs trajectory-level DPO on the toy world")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -94,12 +105,17 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["spo", "dpo"], choices=["spo", "dpo"])
-    ap.add_argument("--reuse", action="store_true", help="summarise finished runs in bench/out instead of training")
+    ap.add_argument("--methods", nargs="+", default=["spo", "dpo"], choices=METHODS)
+    ap.add_argument("--head", default="", help="head.pt of python -m spo_fast.train_head (the spo_head* methods)")
+    ap.add_argument(
+        "--reuse", action="store_true", help="summarise the finished runs beside --out (or in bench/out), no training"
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_efficiency.json)")
     args = ap.parse_args()
+    if any(m in HEAD_METHODS for m in args.methods) and not Path(args.head).is_file():
+        ap.error("the spo_head* methods need --head <head.pt> (train one with python -m spo_fast.train_head)")
     logging.basicConfig(level=logging.WARNING)
-    work = OUT_DIR / "efficiency_runs"
+    work = (Path(args.out).parent if args.out else OUT_DIR) / "efficiency_runs"  # the runs sit beside the JSON
     curves = {m: run_method(m, args, work) for m in args.methods}
     rows, summary = [], {}
     for m, curve in curves.items():

@@ -498,6 +498,37 @@ def test_bench_head_spo_section_runs(tmp_path):
     assert -1 <= spo["head_refresh"][1]["head_refresh_cos"] <= 1
 
 
+def test_bench_efficiency_compares_the_head_modes_with_spo_and_dpo(tmp_path):
+    """README: `bench_efficiency.py --methods spo dpo spo_head spo_head_verify spo_head_refresh --head <head.pt>`:
+    held-out score against seconds and UNet rows for every method in one JSON (+ PNG); the refreshed head's curve
+    counts its teacher-gradient passes; the head methods without --head are one clear error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _toy_direction_head(tmp_path / "head.pt")
+    out = tmp_path / "eff.json"
+    bench = Path(__file__).parents[1] / "bench"
+    base = [sys.executable, "bench_efficiency.py", "--iterations", "1", "--eval-every", "1", "--eval-prompts", "2"]
+    cmd = [*base, "--methods", "spo", "spo_head", "spo_head_refresh", "--head", str(path), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["method"] for r in res["rows"]] == ["spo", "spo_head", "spo_head_refresh"]
+    curves = res["curves"]
+    assert out.with_suffix(".png").is_file() and (tmp_path / "efficiency_runs" / "spo_head_refresh").is_dir()
+    # the head alone runs the UNet only on the continuations; the refresh's curve counts its teacher-gradient passes
+    assert curves["spo_head"][-1]["unet_rows"] < curves["spo"][-1]["unet_rows"]
+    logged = json.loads(
+        (tmp_path / "efficiency_runs" / "spo_head_refresh" / "metrics.jsonl").read_text().splitlines()[-1]
+    )
+    rows = logged["unet_rows"]
+    assert rows["head_refresh"] > 0 and curves["spo_head_refresh"][-1]["unet_rows"] == sum(rows.values())
+    proc = subprocess.run([*base, "--methods", "spo_head"], cwd=bench, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "need --head" in proc.stderr
+
+
 def _refresh_config(out, head_path, iterations, every=1):
     from spo_fast.config import make_config
 
