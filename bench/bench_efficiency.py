@@ -146,6 +146,13 @@ def main() -> None:
                 summary[f"{m}_gain_at_equal_{key}"] = None if at is None else at - curves[m][0]["eval_score"]
         if target <= curves["dpo"][0]["eval_score"]:
             summary["note"] = "DPO did not improve on its starting score: compute-to-reach is undefined"
+    if "spo" in curves:
+        # Each head mode against teacher SPO: the teacher's score at the head run's final budget (equal compute).
+        for m in (m for m in curves if m in HEAD_METHODS):
+            for key in ("wall_s", "unet_rows"):
+                at = score_at(curves["spo"], curves[m][-1][key], key)
+                summary[f"spo_score_at_{m}_final_{key}"] = at
+                summary[f"{m}_lead_at_equal_{key}"] = None if at is None else curves[m][-1]["eval_score"] - at
     print_table(rows, ["method", "score_start", "score_final", "wall_s", "unet_rows"])
     print(json.dumps(summary, indent=2))
     png = Path(args.out).with_suffix(".png") if args.out else OUT_DIR / "bench_efficiency.png"
