@@ -668,6 +668,7 @@ def collect_pools(
     device: torch.device | str = "cpu",
     progress: bool = False,
     gradients: bool = False,
+    gradient_at: str = "mean",
 ) -> PoolRecord:
     """Sample SPO pools with the base model and the pixel-space teacher and record every scored pool.
 
@@ -675,7 +676,14 @@ def collect_pools(
     teacher (the toy world: :class:`~spo_fast.toy.ToyImageScorer`). Prompts are drawn uniformly with ``seed``.
     ``gradients=True`` also records each pool's parent x0 and the teacher's gradient at the pool mean (through the
     same x0 estimate the scorer judges: the lookahead jumps, the decoder, the teacher): the direction head's target.
-    It costs one backward pass per pool (b rows, not k*b)."""
+    It costs one backward pass per pool (b rows, not k*b). ``gradient_at="midpoints"`` records instead the mean of
+    the teacher's gradients at the k midpoints ``mean + (x_i - mean) / 2`` (k*b rows): a smoothed gradient, the
+    better pool direction where the score is not linear over the pool. On the toy world's held-out pools its
+    first-order rule orders 95.5% of the teacher's valid pairs (89.6% at t in (500, 750]) against 92.9% (85.1%) for
+    the gradient at the mean, and a head distilled from it on the same 96 passes reaches 80.3% instead of 77.9% (two
+    seeds; 76.4% vs 72.8% in (500, 750])."""
+    if gradient_at not in ("mean", "midpoints"):
+        raise ValueError(f"gradient_at must be 'mean' or 'midpoints', got {gradient_at!r}")
     from .pipeline import CFGDenoiser
     from .sampler import PoolSampler
 
@@ -695,7 +703,14 @@ def collect_pools(
         lat = candidates.detach().float().cpu().transpose(0, 1).contiguous()
         rec = [lat, torch.full((b,), int(t)), ids.clone(), scores.detach().float().cpu().t().contiguous()]
         if grad_fn is not None:
-            g = _teacher_gradient(sampler, components, grad_fn, candidates.mean(0), int(t), cond, teacher.prompts)
+            mean = candidates.mean(0)
+            if gradient_at == "mean":
+                g = _teacher_gradient(sampler, components, grad_fn, mean, int(t), cond, teacher.prompts)
+            else:  # rows r * b + j: candidate r's midpoint of pool j (the sampler's [k, b] layout)
+                k = candidates.shape[0]
+                mid = (mean + (candidates - mean) / 2).flatten(0, 1)
+                g = _teacher_gradient(sampler, components, grad_fn, mid, int(t), type(cond).cat([cond] * k),
+                                      list(teacher.prompts) * k).view(candidates.shape).mean(0)  # fmt: skip
             rec += [parent_x0.detach().float().cpu(), g.float().cpu()]
         records.append(tuple(rec))
 

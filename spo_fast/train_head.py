@@ -72,6 +72,12 @@ class HeadDataConfig:
     train_passes: int = _f(48, "sampling passes on training prompts (pools = passes * batch * scored steps)")
     eval_passes: int = _f(6, "sampling passes on held-out prompts")
     batch_size: int = _f(8, "prompts per sampling pass")
+    gradient_at: str = _f(
+        "mean",
+        "direction head target: the teacher's gradient at the pool mean, or 'midpoints' (the mean of its gradients "
+        "at the k midpoints between mean and candidates: a smoother, better-ranking target; k times the gradient "
+        "passes while recording)",
+    )
 
 
 @dataclass
@@ -182,6 +188,8 @@ class HeadDistiller:
             raise ValueError(f"teacher.kind must be toy or step_aware, got {cfg.teacher.kind!r}")
         if cfg.teacher.kind == "step_aware" and not cfg.teacher.checkpoint:
             raise ValueError("teacher.kind=step_aware needs teacher.checkpoint (the official step-aware model)")
+        if cfg.data.gradient_at not in ("mean", "midpoints"):
+            raise ValueError(f"data.gradient_at must be mean or midpoints, got {cfg.data.gradient_at!r}")
         for key in ("train.steps", "train.batch_pools", "data.train_passes", "data.eval_passes", "data.batch_size"):
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
@@ -296,7 +304,7 @@ class HeadDistiller:
         rec = collect_pools(
             self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
             self.sampler_config, cfg.sampling.guidance_scale, seed=cfg.train.seed + (0 if split == "train" else 7919),
-            device=self.device, progress=cfg.log.progress, gradients=direction,
+            device=self.device, progress=cfg.log.progress, gradients=direction, gradient_at=cfg.data.gradient_at,
         )  # fmt: skip
         logger.info("recorded %d %s pools in %.1f s", len(rec), split, time.perf_counter() - t0)
         atomic_save(rec.state_dict(), path)

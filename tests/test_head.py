@@ -376,7 +376,7 @@ def test_teacher_gradient_matches_finite_differences():
 
 
 def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher():
-    from spo_fast.head import collect_pools
+    from spo_fast.head import _teacher_gradient, collect_pools
     from spo_fast.toy import ToyImageScorer, prompt_splits
 
     comps, enc = _toy()
@@ -389,6 +389,21 @@ def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher()
     assert rec.timesteps[-2:].tolist() == [0, 0] and torch.isfinite(rec.grad).all()
     both = PoolRecord.cat([rec, rec.subset(slice(0, 3))])
     assert len(both) == len(rec) + 3 and both.grad.shape[0] == len(both)
+    # the smoothed target: the same pools, the mean of the teacher's gradients at the k midpoints (checked where the
+    # x0 estimate is the latent itself, t = 0: an independent evaluation per midpoint)
+    mid = collect_pools(comps, enc, ToyImageScorer(), prompts, 1, 2, cfg, 5.0, seed=0, gradients=True,
+                        gradient_at="midpoints")  # fmt: skip
+    torch.testing.assert_close(mid.latents, rec.latents)
+    assert not torch.allclose(mid.grad, rec.grad) and torch.isfinite(mid.grad).all()
+    score = ToyImageScorer().differentiable_score
+    for i in (rec.timesteps == 0).nonzero().flatten().tolist():
+        c = rec.latents[i]
+        m = c.mean(0, keepdim=True)
+        ps = [rec.prompts[int(rec.prompt[i])]] * len(c)
+        want = _teacher_gradient(None, comps, score, m + (c - m) / 2, 0, None, ps).mean(0)
+        torch.testing.assert_close(mid.grad[i], want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="gradient_at must be"):
+        collect_pools(comps, enc, ToyImageScorer(), prompts, 1, 2, cfg, gradients=True, gradient_at="candidates")
     with pytest.raises(TypeError, match="not differentiable.*--model.encoder latent"):
         collect_pools(comps, enc, lambda im, t, p: im.mean((1, 2, 3)), prompts, 1, 2, cfg, gradients=True)
 
@@ -417,6 +432,11 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main([*args, "--resume"]) == 0
     assert (out / "data_train.pt").stat().st_mtime_ns == data_mtime
     assert main(args) == 2  # the same run again without --resume: a clear error, nothing overwritten
+    # the smoothed target (data.gradient_at midpoints) end to end; an unknown target fails before any recording
+    mid = [*args, "--log.output_dir", str(tmp_path / "mid"), "--data.gradient_at", "midpoints"]
+    assert main(mid) == 0 and (tmp_path / "mid" / "head.pt").is_file()
+    bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.gradient_at", "candidates"]
+    assert main(bad) == 2 and not (tmp_path / "bad" / "data_train.pt").exists()
 
 
 @pytest.mark.parametrize("verify", [False, True])
