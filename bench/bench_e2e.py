@@ -25,10 +25,13 @@ fast+head_verify  the fast path with the verified head: the head scores the k*b 
            pool's pair; only those 2b candidates get the x0 estimate, the VAE decode and the SPM (which orders the
            pair), and the UNet runs on the b continuations.
 
-fast+head_refresh  the head with its online refresh (``preference.head_refresh 3``, the library defaults): on every
-           3rd scored step the SPM's gradient at the pool means (through the policy's x0 estimate, the VAE decoder
-           and the SPM; counted in the phase ``score``), and after training 20 head optimizer steps (phase
-           ``head_refresh``).
+fast+head_refresh  the head with its online refresh (``preference.head_refresh 3``) and the exact teacher gradient
+           (``preference.head_refresh_through_unet true``): on every 3rd scored step the SPM's gradient at the pool
+           means (through the policy's x0 estimate and its UNet calls, the VAE decoder and the SPM; counted in the
+           phase ``score``), and after training ``--refresh-steps`` head optimizer steps (phase ``head_refresh``).
+
+fast+head_refresh_x0  the same with the library default ``head_refresh_through_unet false``: the SPM's gradient stops
+           at the lookahead's UNet outputs (forward passes only, on the sampler's no-grad denoiser: phase ``unet``).
 
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
@@ -567,7 +570,7 @@ def head_arch(comps: Any, scale: str) -> Any:
     )  # fmt: skip
 
 
-def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -> Mode:
+def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, through_unet: bool = False) -> Mode:
     from spo_fast.head import HeadScorer, NoisyLatentPreferenceHead, RefreshingHeadScorer
 
     mode, trainer, timer = _build_fast(setup)
@@ -583,6 +586,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False) -
             lambda ps: trainer.encoder(ps).embeds,
             every=setup.args.refresh_every,
             steps=setup.args.refresh_steps,
+            through_unet=through_unet,
         )
     else:
         scorer = HeadScorer(head)
@@ -627,7 +631,8 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
     "fast": build_fast,
     "fast+head": build_fast_head,
     "fast+head_verify": lambda setup: build_fast_head(setup, verify=True),
-    "fast+head_refresh": lambda setup: build_fast_head(setup, refresh=True),
+    "fast+head_refresh": lambda setup: build_fast_head(setup, refresh=True, through_unet=True),
+    "fast+head_refresh_x0": lambda setup: build_fast_head(setup, refresh=True, through_unet=False),
 }
 PLANNED: dict[str, str] = {}
 # The run's settings copied into the JSON.

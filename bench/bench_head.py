@@ -175,8 +175,8 @@ def cpu_section(heads: dict[str, str], repeats: int, k: int = 4, b: int = 8) -> 
 
 
 SPO_METHODS = (
-    "teacher", "head", "head_verify", "head_refresh", "head_refresh_labels", "head_refresh_carry", "teacher_k2",
-    "oracle",
+    "teacher", "head", "head_verify", "head_refresh", "head_refresh_labels", "head_refresh_carry", "head_refresh_x0",
+    "teacher_k2", "oracle",
 )  # fmt: skip
 
 
@@ -216,8 +216,10 @@ def spo_section(
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
     2 of the k candidates decoded and scored), the head alone with its online refresh (``preference.head_refresh
     2``: ``head_refresh`` with every label the head's, ``head_refresh_labels`` with the refreshed steps labelled by
-    the teacher's gradient, the library default), the teacher with k = 2 (the same teacher work per pool as the
-    verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic)."""
+    the teacher's gradient, ``head_refresh_carry`` with that gradient carried to the steps in between; these three
+    with the exact gradient, through the lookahead's UNet calls; ``head_refresh_x0`` the carry with the gradient
+    stopped at the UNet outputs, the library defaults), the teacher with k = 2 (the same teacher work per pool as
+    the verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic)."""
     from spo_fast.config import make_config
     from spo_fast.head import load_head
     from spo_fast.sampler import PoolSampler
@@ -234,7 +236,9 @@ def spo_section(
             if method.startswith("head_refresh"):  # labels of the refreshed steps: the head's, or the teacher's
                 pref = {"head": head_path, "head_refresh": refresh_every}
                 pref["head_refresh_teacher_labels"] = method != "head_refresh"
-                pref["head_refresh_carry"] = method == "head_refresh_carry"
+                pref["head_refresh_carry"] = method in ("head_refresh_carry", "head_refresh_x0")
+                # head_refresh_x0: the carry, with the teacher's gradient held constant at the lookahead's UNet outputs.
+                pref["head_refresh_through_unet"] = method != "head_refresh_x0"
                 if refresh_steps is not None:  # head optimizer steps per iteration (default: the library's)
                     pref["head_refresh_steps"] = refresh_steps
             cfg = make_config("toy", overrides={

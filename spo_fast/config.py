@@ -83,6 +83,12 @@ class PreferenceConfig:
     head_refresh_carry: bool = _f(
         True, "head refresh: steps between refreshed ones are labelled by the pass's last teacher gradient"
     )
+    head_refresh_through_unet: bool = _f(
+        False,
+        "head refresh: true lets the teacher's gradient flow back through the lookahead's UNet calls (the exact "
+        "gradient, ~3x the UNet cost); false holds their outputs constant (the x0-space gradient carried by the DDIM "
+        "algebra: forward passes only; toy: the same learning curve, 2.65x instead of 2.38x the official loop)",
+    )
 
 
 @dataclass

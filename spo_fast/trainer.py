@@ -405,6 +405,7 @@ class SPOTrainer:
                     every=p.head_refresh, steps=p.head_refresh_steps, lr=p.head_refresh_lr,
                     buffer=p.head_refresh_buffer, seed=_stream_seed(cfg.train.seed, self.rank, 5),
                     teacher_labels=p.head_refresh_teacher_labels, carry=p.head_refresh_carry,
+                    through_unet=p.head_refresh_through_unet,
                 )  # fmt: skip
             else:
                 head = HeadScorer(module)
@@ -551,8 +552,9 @@ class SPOTrainer:
         t0 = time.perf_counter()
         out = r.update()
         cfg_mult = 2 if self.cfg.sampling.guidance_scale > 1 else 1
-        # Forward-equivalent rows of the teacher-gradient passes: forward + backward ~ 3 forwards.
-        self.unet_rows["head_refresh"] = r.unet_rows * cfg_mult * 3
+        # Forward-equivalent rows of the teacher-gradient passes: forward + backward ~ 3 forwards (forward only when
+        # the gradient stops at the UNet outputs).
+        self.unet_rows["head_refresh"] = r.unet_rows * cfg_mult * (3 if r.through_unet else 1)
         return {**out, "time_head_refresh": time.perf_counter() - t0}
 
     def gather_pairs(

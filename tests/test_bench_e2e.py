@@ -51,11 +51,11 @@ def test_bench_e2e_small_head_mode(tmp_path):
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "bench_e2e.py", "--scale", "small", "--prompts", "2", "--k", "2", "--steps", "6",
            "--divert", "3", "--train-batch", "2", "--warmup", "0", "--iters", "1", "--modes", "fast", "fast+head",
-           "fast+head_verify", "fast+head_refresh", "--out", str(out)]  # fmt: skip
+           "fast+head_verify", "fast+head_refresh", "fast+head_refresh_x0", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {m["mode"]: m for m in json.loads(out.read_text())["modes"]}
-    assert set(modes) == {"fast", "fast+head", "fast+head_verify", "fast+head_refresh"}
+    assert set(modes) == {"fast", "fast+head", "fast+head_verify", "fast+head_refresh", "fast+head_refresh_x0"}
     assert modes["fast+head"]["pairs_per_iteration"] == modes["fast"]["pairs_per_iteration"] == [2 * 3]
     assert modes["fast+head_verify"]["pairs_per_iteration"] == [2 * 3]
     # k = 2: the verified head's pair is the whole pool, so the decoder and the SPM run as in the fast path
@@ -66,3 +66,5 @@ def test_bench_e2e_small_head_mode(tmp_path):
     refresh = modes["fast+head_refresh"]
     assert refresh["pairs_per_iteration"] == [2 * 3] and refresh["phases"]["sampling_decode"] == 0
     assert refresh["phases"]["head_refresh"] > 0 and modes["fast+head"]["phases"]["head_refresh"] == 0
+    x0 = modes["fast+head_refresh_x0"]  # the same labels' pipeline, the gradient without the UNet's backward
+    assert x0["pairs_per_iteration"] == [2 * 3] and x0["phases"]["head_refresh"] > 0

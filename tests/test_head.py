@@ -375,6 +375,45 @@ def test_teacher_gradient_matches_finite_differences():
     assert g0.shape == mean.shape and torch.isfinite(g0).all()
 
 
+def test_teacher_gradient_without_the_unet_is_the_scaled_x0_gradient():
+    """through_unet=False holds the lookahead's UNet outputs constant: for epsilon prediction the gradient at the mean
+    is then the teacher's gradient at the lookahead x0 divided by sqrt(alpha_bar_t) (the jumps' DDIM algebra), while
+    the full gradient differs (the UNet's Jacobian). The denoiser runs without autograd."""
+    from spo_fast.head import _teacher_gradient
+    from spo_fast.pipeline import CFGDenoiser
+    from spo_fast.toy import ToyImageScorer, prompt_splits
+
+    torch.manual_seed(0)
+    comps, enc = _toy()
+    assert comps.scheduler.config.prediction_type == "epsilon"
+    prompts = list(prompt_splits()[0][:2])
+    cond = enc(prompts)
+    den = CFGDenoiser(comps.unet, enc([""]), 5.0)
+    grad_enabled = []
+
+    def no_grad_den(x, ts, c):  # like the sampler's (graphable) denoiser: a forward only
+        grad_enabled.append(torch.is_grad_enabled())
+        return den(x, ts, c)
+
+    cfg = PoolSamplerConfig(num_steps=10, num_candidates=2, divert_step=2, threshold=0.0, lookahead_steps=3)
+    teacher = ToyImageScorer()
+    sampler = PoolSampler(no_grad_den, comps.scheduler, teacher, cfg)
+    t = int(sampler.timesteps[4])
+    mean = torch.randn(2, *comps.latent_shape, generator=torch.Generator().manual_seed(4)) * 0.8
+    grad = _teacher_gradient(sampler, comps, teacher.differentiable_score, mean, t, cond, prompts, through_unet=False)
+    assert grad_enabled and not any(grad_enabled)
+    with torch.no_grad():
+        ts = torch.full((2,), t)
+        x0, _ = sampler._lookahead_x0(mean, den(mean, ts, cond), t, cond)
+    x0.requires_grad_(True)
+    score = teacher.differentiable_score(comps.decode(x0).float(), ts, prompts)
+    (g_x0,) = torch.autograd.grad(score.sum(), x0)
+    torch.testing.assert_close(grad, g_x0 / comps.scheduler.alphas_cumprod[t].sqrt(), rtol=1e-4, atol=1e-6)
+    full = _teacher_gradient(PoolSampler(den, comps.scheduler, teacher, cfg), comps, teacher.differentiable_score,
+                             mean, t, cond, prompts)  # fmt: skip
+    assert not torch.allclose(full, grad, rtol=0.05, atol=1e-5)
+
+
 def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher():
     from spo_fast.head import _teacher_gradient, collect_pools
     from spo_fast.toy import ToyImageScorer, prompt_splits
@@ -561,7 +600,7 @@ def _refresh_config(out, head_path, iterations, every=1):
     })  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["teacher_labels", "head_labels", "carry", "carry_frozen"])
+@pytest.mark.parametrize("mode", ["teacher_labels", "head_labels", "carry", "carry_frozen", "carry_x0"])
 def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, monkeypatch, mode):
     """preference.head_refresh: the recorded scored steps (every one; every 2nd for carry) get the teacher's
     gradient at the pool means with the policy's UNet (per recorded non-final step: b 2 x 2 lookahead jumps x CFG 2
@@ -570,7 +609,8 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
     pools get the first-order scores of its gradient (head_refresh_teacher_labels, the default) or the head's; with
     head_refresh_carry the steps in between get the first-order scores of the pass's last recorded gradient (the
     head's at a pass's first step). The decode + score path of the teacher mode is never called. With
-    head_refresh_steps 0 (carry_frozen) the labels are the same but the head stays as trained and nothing is kept."""
+    head_refresh_steps 0 (carry_frozen) the labels are the same but the head stays as trained and nothing is kept.
+    With head_refresh_through_unet false (carry_x0) the gradient passes are forward only (1 row, not 3)."""
     from spo_fast.head import RefreshingHeadScorer, direction_scores
     from spo_fast.trainer import SPOTrainer
 
@@ -582,6 +622,8 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
     cfg.preference.head_refresh_carry = carry
     if mode == "carry_frozen":
         cfg.preference.head_refresh_steps = 0
+    assert cfg.preference.head_refresh_through_unet is False  # the default: the x0-space gradient
+    cfg.preference.head_refresh_through_unet = mode != "carry_x0"
     tr = SPOTrainer(cfg)
     assert isinstance(tr.sampler.head, RefreshingHeadScorer)
     calls, seen = [], []
@@ -623,7 +665,7 @@ def test_head_refresh_fits_the_teachers_gradient_on_the_policys_pools(tmp_path, 
             assert not torch.allclose(head_only, direction_scores(cand, grad).reshape(-1))
     first = tr.refresh_head()
     recorded_nonfinal = sum(1 for t, *_, grad in seen if grad is not None and t > 0)
-    assert tr.unet_rows["head_refresh"] == recorded_nonfinal * 2 * 2 * 2 * 3 > 0
+    assert tr.unet_rows["head_refresh"] == recorded_nonfinal * 2 * 2 * 2 * (1 if mode == "carry_x0" else 3) > 0
     if mode == "carry_frozen":
         assert "head_refresh_loss" not in first
         for k, v in tr.head_refresher.head.state_dict().items():
