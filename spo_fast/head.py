@@ -758,6 +758,15 @@ class _NoGradDenoiser:
             return self.denoiser(x.detach(), t, cond).clone()
 
 
+def _with_denoiser(sampler: Any, denoiser: Any) -> Any:
+    """A shallow copy of ``sampler`` whose lookahead runs ``denoiser`` (the sampler itself is left as it is)."""
+    import copy
+
+    out = copy.copy(sampler)
+    out.denoiser = denoiser
+    return out
+
+
 def _teacher_gradient(
     sampler: Any,
     components: Any,
@@ -777,10 +786,7 @@ def _teacher_gradient(
     no-grad (CUDA-graphable) denoiser."""
     b = mean.shape[0]
     if not through_unet:
-        import copy
-
-        sampler = copy.copy(sampler)
-        sampler.denoiser = _NoGradDenoiser(sampler.denoiser)
+        sampler = _with_denoiser(sampler, _NoGradDenoiser(sampler.denoiser))
     with torch.enable_grad():
         x = mean.detach().clone().requires_grad_(True)
         if t > 0:
@@ -1009,18 +1015,13 @@ class RefreshingHeadScorer(HeadScorer):
         return super().__call__(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
 
     def _record(self, latents: Tensor, timesteps: Tensor, cond: Any, prompt_index: Tensor, parent_x0: Tensor) -> Tensor:
-        import copy
-
         if self.sampler is None or self.prompts is None:
             raise RuntimeError("RefreshingHeadScorer needs .sampler and .prompts set before sampling")
         b = parent_x0.shape[0]
         mean = latents.view(latents.shape[0] // b, b, *latents.shape[1:]).float().mean(0)
         t = int(timesteps[0])
-        grad_sampler = self.sampler
-        if self.through_unet:
-            # The sampler's lookahead, but through a differentiable denoiser (a graphed one has no autograd).
-            grad_sampler = copy.copy(self.sampler)
-            grad_sampler.denoiser = self.grad_denoiser
+        # Through the UNet: the sampler's lookahead on a differentiable denoiser (a graphed one has no autograd).
+        grad_sampler = _with_denoiser(self.sampler, self.grad_denoiser) if self.through_unet else self.sampler
         prompts = list(getattr(self.prompts, "prompts", self.prompts))
         idx = prompt_index[:b].cpu()
         pool_prompts = [prompts[i] for i in idx.tolist()]
