@@ -47,8 +47,8 @@ class ModelConfig:
     attention: str = _f("auto", "auto | sdpa | xformers: attention backend (auto = xformers if it runs, else SDPA)")
     compile: bool = _f(
         False,
-        "torch.compile the UNet: the training forward and backward, the reference, and sampling where no CUDA graphs "
-        "run (the first iterations pay the compilation: minutes on a CPU)",
+        "torch.compile the UNet: the training forward and backward, the reference, and sampling with the VAE decoder "
+        "where no CUDA graphs run (the first iterations pay the compilation: minutes on a CPU)",
     )
     compile_backend: str = _f("inductor", "torch.compile backend with model.compile (aot_eager: no code generation)")
 

@@ -150,9 +150,9 @@ def test_reference_batches_must_be_positive(tmp_path):
 
 def test_compiled_unet_trains_like_eager(tmp_path):
     """model.compile: the UNet runs under torch.compile (sampling on CPU, the policy's training forward and backward,
-    the reference with adapters disabled) and the run's losses are the eager run's. The aot_eager backend traces
-    the same graphs as inductor (dynamo + AOT autograd) without code generation, which keeps the test to ~1 minute;
-    bench_e2e.py's '@compile' modes time inductor."""
+    the reference with adapters disabled), the VAE decoder too, and the run's losses are the eager run's. The
+    aot_eager backend traces the same graphs as inductor (dynamo + AOT autograd) without code generation, which keeps
+    the test to ~1 minute; bench_e2e.py's '@compile' modes time inductor."""
     losses = {}
     for comp in (False, True):
         over = {**SMALL, "train.iterations": 2, "model.compile": comp, "model.compile_backend": "aot_eager",
@@ -163,6 +163,7 @@ def test_compiled_unet_trains_like_eager(tmp_path):
                 isinstance(d.unet, torch._dynamo.eval_frame.OptimizedModule)
                 for d in (trainer.policy, trainer.reference, trainer.train_policy)
             )
+            assert trainer.components.vae.decoder._compiled_call_impl is not None  # the teacher's decodes
         trainer.run()
         losses[comp] = _losses(tmp_path / f"c{comp}")
     assert len(losses[True]) >= 4
