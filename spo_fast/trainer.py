@@ -360,9 +360,9 @@ class SPOTrainer:
             # capture is not something this code relies on, so graphed sampling stays eager.
             if not cuda_graphs_requested(None, self.device):
                 sample_unet = self._compile(unet)
-                # The VAE decoder too (in place: its state dict keeps its keys): the teacher's decodes of every
-                # candidate, and the head refresh's decode forward and backward, are per-module overhead at small
-                # sizes (tiny models, one CPU thread: decode + teacher gradient of 10 rows 14.3 -> 9.2 ms).
+                # The VAE decoder too (in place: its state dict keeps its keys): at small sizes the teacher's decodes
+                # of every candidate are per-module overhead (tiny models, one CPU thread: the fast path's decode
+                # phase 1.46x; bench_e2e_small_decoder_compile.json).
                 self.components.vae.decoder.compile(backend=cfg.model.compile_backend)
         self.policy = CFGDenoiser(sample_unet, uncond, g)
         self.reference = CFGDenoiser(ref_unet, uncond, g)
