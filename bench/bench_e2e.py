@@ -284,6 +284,14 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _failure(exc: Exception, where: str, device: torch.device) -> str:
+    """Log a mode's failure and free what it held; the message goes into the JSON's ``failed_modes``."""
+    logger.exception("mode failed in its %s", where)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return f"{where}: {type(exc).__name__}: {exc}"[:2000]
+
+
 def run_timed(mode: Mode, it: int, device: torch.device, record: bool) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -761,6 +769,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_pipeline(Path(tmp) / "pipeline", args.scale, args.seed)
         prompts = make_prompts(64, args.seed)
@@ -774,13 +783,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mode_setup = setup
             if variant == "compile":
                 mode_setup = dataclasses.replace(setup, args=argparse.Namespace(**{**vars(args), "compile": True}))
-            modes[name] = RUNNERS[base](mode_setup)
+            try:
+                modes[name] = RUNNERS[base](mode_setup)
+            except Exception as exc:  # one mode that cannot run (e.g. out of memory) must not lose the others
+                failed[name] = _failure(exc, "build", device)
+                continue
             logger.info("built mode %s in %.1f s", name, time.perf_counter() - t0)
         # Iterations alternate between the modes, so drifting load on a shared machine hits every mode alike. The
         # optimizer state is allocated on a mode's first step, after its build: state_bytes is read after the run.
         for it in range(args.warmup + args.iters):
-            for mode in modes.values():
-                run_timed(mode, it, device, record=it >= args.warmup)
+            for name, mode in list(modes.items()):
+                try:
+                    run_timed(mode, it, device, record=it >= args.warmup)
+                except Exception as exc:
+                    failed[name] = _failure(exc, f"iteration {it}", device)
+                    if mode.cleanup:
+                        mode.cleanup()
+                    del modes[name], mode
+                    gc.collect()
         for name, mode in modes.items():
             rows.append(summarise(name, mode, device))
             if mode.cleanup:
@@ -820,12 +840,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for r in rows
     ]
-    print_table(table, list(table[0]))
+    if table:
+        print_table(table, list(table[0]))
     for mode, sp in speedups.items():
         print(f"{mode} vs official: " + "  ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None))
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     payload = {"environment": environment(), "config": config, "modes": rows, "speedups": speedups}
+    if failed:
+        payload["failed_modes"] = failed
     path = write_json("bench_e2e", payload, args.out)
+    for name, why in failed.items():
+        print(f"{name} failed: {why}")
     print(f"wrote {path}")
     return payload
 

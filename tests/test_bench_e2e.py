@@ -68,3 +68,40 @@ def test_bench_e2e_small_head_mode(tmp_path):
     assert refresh["phases"]["head_refresh"] > 0 and modes["fast+head"]["phases"]["head_refresh"] == 0
     x0 = modes["fast+head_refresh_x0"]  # the same labels' pipeline, the gradient without the UNet's backward
     assert x0["pairs_per_iteration"] == [2 * 3] and x0["phases"]["head_refresh"] > 0
+
+
+def test_bench_e2e_a_failing_mode_is_reported_and_the_others_measured(tmp_path, monkeypatch):
+    """On a GPU one mode can run out of memory: the bench records it under failed_modes and still writes the
+    other modes' measurements (a device session is too short to lose them all)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(BENCH))
+    fast = bench_e2e.RUNNERS["fast"]
+
+    def fails_in_iteration(setup):
+        mode = fast(setup)
+
+        def iteration(it):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        mode.iteration = iteration
+        return mode
+
+    def fails_to_build(setup):
+        raise MemoryError("no room for the head (simulated)")
+
+    monkeypatch.setitem(bench_e2e.RUNNERS, "fast+head", fails_in_iteration)
+    monkeypatch.setitem(bench_e2e.RUNNERS, "fast+head_verify", fails_to_build)
+    out = tmp_path / "e2e.json"
+    argv = ["--scale", "small", "--prompts", "2", "--k", "2", "--steps", "6", "--divert", "3", "--train-batch", "2",
+            "--warmup", "0", "--iters", "1", "--out", str(out),
+            "--modes", "fast", "fast+head", "fast+head_verify"]  # fmt: skip
+    bench_e2e.main(argv)
+    data = json.loads(out.read_text())
+    assert [m["mode"] for m in data["modes"]] == ["fast"] and data["modes"][0]["seconds_per_iteration"] > 0
+    failed = data["failed_modes"]
+    assert set(failed) == {"fast+head", "fast+head_verify"}
+    assert "iteration 0: RuntimeError: CUDA out of memory" in failed["fast+head"]
+    assert failed["fast+head_verify"].startswith("build: MemoryError")
