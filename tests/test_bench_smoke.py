@@ -51,6 +51,14 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown step nope" in bad.stdout
     assert not bad_out.exists(), "an unknown step must fail before any work"
+    # E2E_MODES reaches bench_e2e.py (an unknown mode: its argument check answers before any model is built)
+    modes_out = tmp_path / "modes"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "e2e"],
+        env={**env, "OUT": str(modes_out), "E2E_MODES": "official nope"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    log = (modes_out / "log.txt").read_text()
+    assert "unknown mode 'nope'" in log and "== e2e: rc 2" in log, log[-2000:]
 
 
 def test_conv_layout_bench_small(tmp_path):
