@@ -298,14 +298,11 @@ def run_timed(mode: Mode, it: int, device: torch.device, record: bool) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     graphs = _compiled_graphs()
-    cpu0 = time.process_time()
     rec = mode.iteration(it)
-    cpu = time.process_time() - cpu0
     if device.type == "cuda":
         mode.iteration_peak_bytes = max(mode.iteration_peak_bytes, torch.cuda.max_memory_allocated() - base)
     if record:
         mode.records.append(rec)
-        mode.cpu_seconds.append(cpu)
     if mode.details.get("compile"):
         # Graphs torch.compile built during this iteration: a timed iteration that compiles is not a steady state.
         built = _compiled_graphs() - graphs
@@ -382,7 +379,6 @@ class Mode:
     build_bytes: int | None = None
     iteration_peak_bytes: int = 0
     records: list[IterationRecord] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU time per timed iteration
     cleanup: Callable[[], None] | None = None
 
     @property
@@ -689,14 +685,9 @@ def summarise(name: str, res: Mode, device: torch.device) -> dict[str, Any]:
         * (f_fwd + f_train) for r in recs
     )  # fmt: skip
     peak = peak_flops(device)
-    # With one thread on a CPU the process's CPU time is the work itself: on a shared machine it leaves out the time
-    # other tenants hold the core, which moves the wall-clock ratios by ~10% from run to run. Elsewhere (several
-    # threads, a GPU) it means nothing and is left out.
-    cpu_time = device.type == "cpu" and torch.get_num_threads() == 1 and res.cpu_seconds
     return {
         "mode": name,
         "seconds_per_iteration": seconds,
-        "cpu_seconds_per_iteration": statistics.median(res.cpu_seconds) if cpu_time else None,
         "phases": med,
         "pairs_per_iteration": [r.pairs for r in recs],
         "images_per_iteration": recs[0].images,
@@ -823,12 +814,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in rows:
             if r["mode"] == "official":
                 continue
-            cpu_ratio = None
-            if base["cpu_seconds_per_iteration"] and r["cpu_seconds_per_iteration"]:
-                cpu_ratio = base["cpu_seconds_per_iteration"] / r["cpu_seconds_per_iteration"]
             speedups[r["mode"]] = {
                 "iteration": base["seconds_per_iteration"] / r["seconds_per_iteration"],
-                "iteration_cpu_time": cpu_ratio,
                 **{
                     k: (base["phases"][k] / r["phases"][k] if r["phases"][k] > 0 else None)
                     for k in ("sampling", "sampling_unet", "sampling_decode", "sampling_score", "training")
@@ -844,7 +831,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {
             "mode": r["mode"],
             "s/iter": r["seconds_per_iteration"],
-            "cpu s/iter": r["cpu_seconds_per_iteration"],
             **{k.replace("sampling_", "samp."): v for k, v in r["phases"].items()},
             "pairs": r["pairs_per_iteration"][0],
             "img/s": r["images_per_second"],

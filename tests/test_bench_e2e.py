@@ -25,13 +25,11 @@ def test_bench_e2e_small(tmp_path):
         assert set(m["phases"]) >= {"sampling", "sampling_unet", "sampling_decode", "sampling_score", "training"}
         assert m["unet_flops_per_row"]["train"] > m["unet_flops_per_row"]["forward"] > 0
         assert m["state_bytes"] > 0 and "peak_memory_bytes" in m and "mfu" in m
-        # one thread on a CPU (the small scale's default): the process's CPU time is reported beside the wall clock
-        assert 0 < m["cpu_seconds_per_iteration"] <= 1.5 * m["seconds_per_iteration"]
     # same seed, same prompts, noise and resampler: the same pairs (threshold 0: every scored step pairs)
     assert modes["official"]["pairs_per_iteration"] == modes["fast"]["pairs_per_iteration"] == [2 * 3]
     # the official mode holds a second UNet (the deep-copied reference)
     assert modes["fast"]["state_bytes"] < modes["official"]["state_bytes"]
-    assert data["speedups"]["fast"]["training"] > 0 and data["speedups"]["fast"]["iteration_cpu_time"] > 0
+    assert data["speedups"]["fast"]["training"] > 0
 
 
 @pytest.mark.parametrize("mode", ["nope", "official@compile", "fast@nope", "nope@compile"])
