@@ -30,6 +30,10 @@ def test_bench_e2e_small(tmp_path):
     # the official mode holds a second UNet (the deep-copied reference)
     assert modes["fast"]["state_bytes"] < modes["official"]["state_bytes"]
     assert data["speedups"]["fast"]["training"] > 0
+    for m in modes.values():  # the fastest timed iteration beside the median (one timed iteration here: the same)
+        assert m["iteration_seconds"] == [m["seconds_per_iteration"]] == [m["seconds_per_iteration_min"]]
+    ratio = modes["official"]["seconds_per_iteration_min"] / modes["fast"]["seconds_per_iteration_min"]
+    assert data["speedups"]["fast"]["iteration_min"] == pytest.approx(ratio)
 
 
 @pytest.mark.parametrize("mode", ["nope", "official@compile", "fast@nope", "nope@compile"])
