@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parent.parent / "bench"
 
@@ -30,10 +31,28 @@ def test_bench_e2e_small(tmp_path):
     # the official mode holds a second UNet (the deep-copied reference)
     assert modes["fast"]["state_bytes"] < modes["official"]["state_bytes"]
     assert data["speedups"]["fast"]["training"] > 0
-    for m in modes.values():  # the fastest timed iteration beside the median (one timed iteration here: the same)
-        assert m["iteration_seconds"] == [m["seconds_per_iteration"]] == [m["seconds_per_iteration_min"]]
-    ratio = modes["official"]["seconds_per_iteration_min"] / modes["fast"]["seconds_per_iteration_min"]
-    assert data["speedups"]["fast"]["iteration_min"] == pytest.approx(ratio)
+    assert data["speedups"]["fast"]["iteration_min"] > 0
+
+
+def test_bench_e2e_summary_keeps_the_fastest_iteration_beside_the_median():
+    """A disturbed iteration moves neither statistic much but they differ: the median of 3.0 / 1.0 / 2.0 s is 2.0,
+    the fastest 1.0, and every timed iteration is kept in order."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(BENCH))
+    recs = [
+        bench_e2e.IterationRecord({"training": sec / 2}, sec, 4, 8, 16, {"forward": 4, "train": 4})
+        for sec in (3.0, 1.0, 2.0)
+    ]
+    mode = bench_e2e.Mode(
+        iteration=lambda it: recs[it], flops_per_row={"forward": 1.0, "train": 3.0}, details={},
+        state_bytes=lambda: 1, records=recs,
+    )  # fmt: skip
+    row = bench_e2e.summarise("fast", mode, torch.device("cpu"))
+    assert row["seconds_per_iteration"] == 2.0 and row["seconds_per_iteration_min"] == 1.0
+    assert row["iteration_seconds"] == [3.0, 1.0, 2.0] and row["phases"]["training"] == 1.0
 
 
 @pytest.mark.parametrize("mode", ["nope", "official@compile", "fast@nope", "nope@compile"])
