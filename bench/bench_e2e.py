@@ -600,10 +600,13 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
         scorer = HeadScorer(head)
     timed = TimedHead(scorer, timer)
     old = trainer.sampler
-    # Verified: the head proposes each pool's pair, the (timed) decode + SPM scorer orders only those two.
+    # Verified: the head proposes each pool's pair, the (timed) decode + SPM scorer orders only those two. Gated
+    # (--head-max-timestep): the decode + SPM scorer takes the steps above that timestep.
+    gated = setup.args.head_max_timestep is not None
     trainer.sampler = PoolSampler(
-        old.denoiser, old.scheduler, old.scorer if verify else None, old.config, head=timed, verify_head=verify
-    )
+        old.denoiser, old.scheduler, old.scorer if verify or gated else None, old.config, head=timed,
+        verify_head=verify, head_max_timestep=setup.args.head_max_timestep,
+    )  # fmt: skip
     if refresh:
         scorer.sampler, scorer.prompts = trainer.sampler, trainer.scorer
         trainer.head_refresher = scorer
@@ -624,7 +627,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
         return rec
 
     mode.iteration = iteration
-    if not verify:
+    if not verify and not gated:
         # What the head mode needs while training: no SPM, and the VAE only for evaluation (not counted, as for the
         # SPM).
         mode.state_bytes = lambda: (
@@ -645,7 +648,7 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
 PLANNED: dict[str, str] = {}
 # The run's settings copied into the JSON.
 CONFIG_KEYS = ("scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
-               "refresh_every", "refresh_steps")  # fmt: skip
+               "refresh_every", "refresh_steps", "head_max_timestep")  # fmt: skip
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -743,6 +746,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=PreferenceConfig().head_refresh_steps,
         help="fast+head_refresh: preference.head_refresh_steps (head optimizer steps per iteration)",
+    )
+    ap.add_argument(
+        "--head-max-timestep",
+        type=int,
+        default=None,
+        help="fast+head modes: preference.head_max_timestep (decode + SPM score the steps above it; default: none)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 at small scale)")
     ap.add_argument("--seed", type=int, default=0)

@@ -211,6 +211,7 @@ def spo_section(
     threshold: float | None = None,
     refresh_every: int = 2,
     refresh_steps: int | None = None,
+    head_max_timestep: int | None = None,
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
@@ -219,7 +220,9 @@ def spo_section(
     the teacher's gradient, ``head_refresh_carry`` with that gradient carried to the steps in between; these three
     with the exact gradient, through the lookahead's UNet calls; ``head_refresh_x0`` the carry with the gradient
     stopped at the UNet outputs, the library defaults), the teacher with k = 2 (the same teacher work per pool as
-    the verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic)."""
+    the verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic).
+    ``head_max_timestep``: the head methods score only the steps at or below it, the teacher the noisier ones
+    (``preference.head_max_timestep``)."""
     from spo_fast.config import make_config
     from spo_fast.head import load_head
     from spo_fast.sampler import PoolSampler
@@ -241,6 +244,8 @@ def spo_section(
                 pref["head_refresh_through_unet"] = method != "head_refresh_x0"
                 if refresh_steps is not None:  # head optimizer steps per iteration (default: the library's)
                     pref["head_refresh_steps"] = refresh_steps
+                if head_max_timestep is not None:
+                    pref["head_max_timestep"] = head_max_timestep
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
@@ -255,8 +260,9 @@ def spo_section(
                 head = HeadScorer(load_head(head_path, tr.components, tr.device))
                 s = tr.sampler
                 tr.sampler = PoolSampler(
-                    s.denoiser, s.scheduler, s.scorer, s.config, head=head, verify_head=method == "head_verify"
-                )
+                    s.denoiser, s.scheduler, s.scorer, s.config, head=head, verify_head=method == "head_verify",
+                    head_max_timestep=head_max_timestep,
+                )  # fmt: skip
             curve = [{"iteration": 0, "seconds": 0.0, "unet_rows": 0, **tr.evaluate()}]
             spent = 0.0
             for it in range(iterations):
@@ -290,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--spo-refresh-steps", type=int, default=None, help="head_refresh methods: preference.head_refresh_steps"
     )
+    ap.add_argument(
+        "--spo-head-max-timestep", type=int, default=None,
+        help="head methods: preference.head_max_timestep (the teacher scores the steps above it; default: none)",
+    )  # fmt: skip
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -319,10 +329,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.spo_threshold,
             args.spo_refresh_every,
             args.spo_refresh_steps,
+            args.spo_head_max_timestep,
         )
         payload["spo"] = s
         payload["spo_threshold"] = args.spo_threshold
         payload["spo_refresh_every"] = args.spo_refresh_every
+        payload["spo_head_max_timestep"] = args.spo_head_max_timestep
         # The effective value (None = the library's default at the time of the run).
         payload["spo_refresh_steps"] = (
             args.spo_refresh_steps if args.spo_refresh_steps is not None else PreferenceConfig().head_refresh_steps

@@ -65,6 +65,11 @@ class PreferenceConfig:
         "with head: the head proposes each pool's pair, this preference model orders and validates it (it "
         "decodes and scores 2 of the k candidates)",
     )
+    head_max_timestep: int = _f(
+        1000,
+        "with head: the head scores the steps at or below this timestep, this preference model (decode + score) the "
+        "noisier ones, where a noisy-latent head is least accurate (1000: the head scores every step)",
+    )
     head_refresh: int = _f(
         0,
         "with a direction head: record this preference model's gradient at the pool means on every N-th scored step "

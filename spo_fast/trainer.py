@@ -122,6 +122,17 @@ def validate_config(cfg: SPOConfig) -> None:
             f"<head.pt>, trained with `python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}`"
         )
     pr = cfg.preference
+    if pr.head_max_timestep < 0:
+        raise ValueError(
+            f"preference.head_max_timestep must be >= 0 (0: the head scores only the final x_0; 1000: every step), got "
+            f"{pr.head_max_timestep}"
+        )
+    if pr.head_max_timestep < 1000 and not pr.head:
+        raise ValueError(
+            "preference.head_max_timestep splits the scored steps between a noisy-latent head and this preference "
+            "model and needs preference.head: pass --preference.head <head.pt>, trained with `python -m "
+            f"spo_fast.train_head --model.pretrained {cfg.model.pretrained}`, or drop --preference.head_max_timestep"
+        )
     if pr.head_refresh < 0 or pr.head_refresh_steps < 0 or pr.head_refresh_buffer < 1 or pr.head_refresh_lr <= 0:
         raise ValueError(
             "preference.head_refresh and head_refresh_steps must be >= 0, head_refresh_buffer >= 1 and "
@@ -416,6 +427,7 @@ class SPOTrainer:
         self.sampler = PoolSampler(
             self._sample_denoiser, self.components.scheduler, self.scorer, sc, head=head,
             verify_head=head is not None and cfg.preference.verify_head,
+            head_max_timestep=cfg.preference.head_max_timestep if head is not None else None,
         )  # fmt: skip
         if self.head_refresher is not None:
             self.head_refresher.sampler, self.head_refresher.prompts = self.sampler, self.scorer

@@ -67,6 +67,8 @@ def test_print_config(capsys):
         (["--preference.kind", "step_aware"], "checkpoint"),
         (["--preference.head", "missing_head.pt"], "python -m spo_fast.train_head"),
         (["--preference.verify_head", "true"], "--preference.head <head.pt>"),
+        (["--preference.head_max_timestep", "500"], "--preference.head <head.pt>"),
+        (["--preference.head_max_timestep", "-1"], "head_max_timestep must be >= 0"),
     ],
 )
 def test_bad_config_fails_before_loading_models(tmp_path, capsys, monkeypatch, args, match):

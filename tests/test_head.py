@@ -242,6 +242,77 @@ def test_verified_head_mode_needs_a_head_and_a_scorer():
         PoolSampler(CountingDenoiser(), _sched(), CountingTeacher(), cfg, verify_head=True)
 
 
+class TimedTeacher(CountingTeacher):
+    """Records the timestep of each call too."""
+
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def __call__(self, x0, t, idx):
+        self.timesteps.append(int(t[0]))
+        return super().__call__(x0, t, idx)
+
+
+def _gated_run(head_max_timestep, use_head=True, use_teacher=True, b=3, k=4, n=8, div=2):
+    den, teacher, head = CountingDenoiser(), TimedTeacher(), ProposingHead(-1.0)
+    cfg = PoolSamplerConfig(num_steps=n, num_candidates=k, divert_step=div, inner_steps=0, threshold=0.05)
+    sampler = PoolSampler(
+        den, _sched(), teacher if use_teacher else None, cfg, head=head if use_head else None,
+        head_max_timestep=head_max_timestep,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    cond = Cond(torch.randn(b, 5, 6, generator=g))
+    res = sampler.sample(cond, torch.randn(b, 2, 4, 4, generator=g), g, seed=3)
+    return res, den, teacher, head
+
+
+def test_timestep_gated_head_scores_the_quiet_steps_and_the_teacher_the_noisy_ones():
+    """head_max_timestep T: steps scored above T take the teacher's path (x0 of all k*b candidates, decode, score),
+    the others the head's. The continuations come from the ledger's RNG, not the scores, so the gated run's scores
+    are the teacher run's on the noisy steps and the head run's on the quiet ones, value for value."""
+    b, k = 3, 4
+    teacher_run, *_ = _gated_run(None, use_head=False)
+    head_run, *_ = _gated_run(None, use_teacher=False)
+    ts = teacher_run.log.score_timesteps
+    cut = sorted(ts)[len(ts) // 2]  # about half the scored steps each way
+    res, den, teacher, head = _gated_run(cut)
+    noisy = [t > cut for t in res.log.score_timesteps]
+    assert 0 < sum(noisy) < len(noisy)
+    assert teacher.timesteps == [t for t in ts if t > cut]
+    assert len(head.scores) == len(noisy) - sum(noisy)
+    for s, st, sh, is_noisy in zip(res.log.scores, teacher_run.log.scores, head_run.log.scores, noisy):
+        torch.testing.assert_close(s, st if is_noisy else sh)
+    # UNet rows: the trunk, k*b per teacher-scored step (its continuation reuses that pass), b per head step's
+    # continuation (none after the final step)
+    quiet_nonfinal = sum(1 for t in res.log.score_timesteps if 0 < t <= cut)
+    assert res.unet_rows == sum(den.rows) == b * (2 + 1) + k * b * sum(noisy) + b * quiet_nonfinal
+    assert len(res.pairs) == sum(int(v.sum()) for v in res.log.valid)
+
+
+def test_timestep_gated_head_at_its_limits_is_the_head_or_the_teacher_mode():
+    """T above every scored timestep: the head mode; T = 0: the teacher on every step but the final x_0."""
+    full, *_ = _gated_run(999)
+    head_run, *_ = _gated_run(None, use_teacher=False)
+    assert full.unet_rows == head_run.unet_rows
+    for a, c in zip(full.log.scores, head_run.log.scores):
+        torch.testing.assert_close(a, c)
+    zero, _, teacher, head = _gated_run(0)
+    teacher_run, *_ = _gated_run(None, use_head=False)
+    assert zero.unet_rows == teacher_run.unet_rows and len(head.scores) == 1
+    for a, c in zip(zero.log.scores[:-1], teacher_run.log.scores[:-1]):
+        torch.testing.assert_close(a, c)
+
+
+def test_timestep_gated_head_needs_a_head_and_a_scorer():
+    with pytest.raises(ValueError, match="needs both"):
+        _gated_run(500, use_teacher=False)
+    with pytest.raises(ValueError, match="needs both"):
+        _gated_run(500, use_head=False)
+    with pytest.raises(ValueError, match=">= 0"):
+        _gated_run(-1)
+
+
 # ------------------------------------------------------------------------------------------------ direction head
 
 
