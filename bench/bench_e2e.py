@@ -33,6 +33,9 @@ fast+head_refresh  the head with its online refresh (``preference.head_refresh 3
 fast+head_refresh_x0  the same with the library default ``head_refresh_through_unet false``: the SPM's gradient stops
            at the lookahead's UNet outputs (forward passes only, on the sampler's no-grad denoiser: phase ``unet``).
 
+``--head-max-timestep T`` (every head mode): the decode + SPM scorer takes the scored steps above T, as in the fast
+path, and the head the rest (``preference.head_max_timestep``).
+
 Both modes draw the same prompts, noise and resampler choices for the same ``--seed``, so they produce the same number
 of pairs. Random-weight preference models give arbitrary margins, so ``--threshold`` defaults to 0 (every scored step
 yields a pair: the largest training phase, b * (N - divert) pairs).

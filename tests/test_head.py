@@ -549,11 +549,13 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(bad) == 2 and not (tmp_path / "bad" / "data_train.pt").exists()
 
 
-@pytest.mark.parametrize("verify", [False, True])
-def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
-    """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true]`: the trainer loads the
-    head through the checkpoint path (compatibility checks included) and samples in head mode (or the verified head
-    mode); the run writes its LoRA as usual."""
+@pytest.mark.parametrize("mode", ["head", "verify", "gated"])
+def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
+    """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true | --preference.
+    head_max_timestep 200]`: the trainer loads the head through the checkpoint path (compatibility checks included)
+    and samples in head mode (the verified head mode, or with the teacher on the steps above t = 200); the run
+    writes its LoRA as usual."""
+    verify = mode == "verify"
     from spo_fast.train import main
 
     path = _toy_direction_head(tmp_path / "head.pt")
@@ -563,6 +565,8 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
             "--sampling.num_steps", "8", "--sampling.divert_step", "4", "--train.batch_size", "4"]  # fmt: skip
     if verify:
         args += ["--preference.verify_head", "true"]
+    if mode == "gated":
+        args += ["--preference.head_max_timestep", "200"]
     assert main(args) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     import json
@@ -570,8 +574,12 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, verify):
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
     # head mode: the UNet ran on the b continuations only, as plain sampling (2 prompts x 8 steps x CFG 2 rows);
     # the teacher mode would add k * b rows per scored step for the candidates' x0 and their lookahead
-    if not verify:
+    if mode == "head":
         assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
+    elif mode == "gated":
+        # 8 steps, divert 4: scored at t = 251, 126, 1 and the final 0; above 200 only the first, where the teacher
+        # takes the k * b = 8 candidates' x0 and their 2-jump lookahead (8 rows more) instead of the b continuations
+        assert rec["unet_rows"]["sampling"] == (2 * 8 - 2 + 8 + 8) * 2
     else:
         # trunk 5 b rows; each of the 3 non-final scored steps: the pair's 2-jump lookahead (2 x 2b) and the
         # continuations that are not one of the pair (0..b); the final pair is scored as x_0 (b = 2, CFG 2 rows)
