@@ -43,7 +43,9 @@ Status: on the toy world the trained direction head agrees with the teacher on 7
 (target 85%), and SPO driven by its labels alone does not learn: the policy's pools drift away from the base
 model's, where the head was distilled. Two ways out: the sampler's verified mode (the head proposes each pool's pair,
 the teacher orders it: ``PoolSampler(verify_head=True)``), and :class:`RefreshingHeadScorer` (the head keeps
-distilling the teacher's gradient on the policy's own pools during SPO). README, "Noisy-latent preference head".
+distilling the teacher's gradient on the policy's own pools during SPO). Either can be gated by timestep
+(``PoolSampler(head_max_timestep=)``, ``preference.head_max_timestep``): the teacher keeps the noisiest steps, where
+the head is least accurate. README, "Noisy-latent preference head".
 """
 
 from __future__ import annotations

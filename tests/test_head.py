@@ -634,6 +634,15 @@ def test_bench_head_spo_section_runs(tmp_path):
     # the refresh pays for the teacher's gradients and reports its fit
     assert spo["head_refresh"][1]["unet_rows"] > spo["head"][1]["unet_rows"]
     assert -1 <= spo["head_refresh"][1]["head_refresh_cos"] <= 1
+    # --spo-head-max-timestep 500: the teacher scores the noisier steps (their k candidates' x0 and lookahead)
+    gated = tmp_path / "gated.json"
+    cmd = [*cmd[: cmd.index("--spo-methods")], "--spo-methods", "head", "--spo-head-max-timestep", "500",
+           "--out", str(gated)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(gated.read_text())
+    assert payload["spo_head_max_timestep"] == 500
+    assert payload["spo"]["head"][1]["unet_rows"] > spo["head"][1]["unet_rows"]
 
 
 def test_bench_efficiency_compares_the_head_modes_with_spo_and_dpo(tmp_path):
