@@ -769,6 +769,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"unknown mode {base!r}; choose from {sorted(RUNNERS)}")
         if variant and (variant != "compile" or base == "official"):
             ap.error(f"mode {m!r}: the only variant is '@compile', of a spo_fast mode (the official loop is eager)")
+    if args.head_max_timestep is not None and args.head_max_timestep < 0:
+        ap.error(
+            f"--head-max-timestep must be >= 0 (0: the head scores only the final x_0), got {args.head_max_timestep}"
+        )
     if args.iters is None:
         args.iters = 3 if args.scale == "small" else 2
     if args.threads is None and args.scale == "small":

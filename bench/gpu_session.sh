@@ -6,7 +6,7 @@
 # ../shared/gpu/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash bench/gpu_session.sh [tests|e2e|compile|loss|direction|layout|refbatch|cli ...]   # default: all, in that order
+#   bash bench/gpu_session.sh [tests|e2e|gated|compile|loss|direction|layout|refbatch|cli ...]   # default: all, in order
 #
 # One device call may run 600 s at most and a session has ~15 minutes of device time, machine start included: the
 # default list takes longer than that (worst case ~17 min of step limits), so name the steps of each call, most
@@ -18,11 +18,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 PY=${PY:-python3}
 REPEATS=${REPEATS:-100}  # timed runs per kernel case (the tests run a smoke with a few)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests e2e compile loss direction layout refbatch cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests e2e gated compile loss direction layout refbatch cli)
 # Unknown steps fail before any install or import.
 for step in "${steps[@]}"; do
-  case $step in tests|e2e|compile|loss|direction|layout|refbatch|cli) ;;
-    *) echo "unknown step $step (steps: tests e2e compile loss direction layout refbatch cli)"; exit 2 ;;
+  case $step in tests|e2e|gated|compile|loss|direction|layout|refbatch|cli) ;;
+    *) echo "unknown step $step (steps: tests e2e gated compile loss direction layout refbatch cli)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -68,6 +68,12 @@ for step in "${steps[@]}"; do
       # shellcheck disable=SC2086
       timeout 330 $PY bench/bench_e2e.py --scale full --modes ${E2E_MODES:-official fast fast+head fast+head_verify fast+head_refresh_x0} \
         --warmup 1 --iters 1 --out "$OUT/bench_e2e_full.json" >> "$OUT/log.txt" 2>&1 ;;
+    gated)
+      # The head modes with the teacher on the scored steps above t = GATE_T (preference.head_max_timestep; 500:
+      # 5 of 16 steps at SD1.5's 20 steps, divert 4), beside the official loop: ~3 min.
+      timeout 240 $PY bench/bench_e2e.py --scale full --modes official fast+head fast+head_refresh_x0 \
+        --head-max-timestep "${GATE_T:-500}" --warmup 1 --iters 1 --out "$OUT/bench_e2e_full_gated.json" \
+        >> "$OUT/log.txt" 2>&1 ;;
     compile)
       # model.compile at SD1.5 size: the fast path and the head alone, eager vs torch.compile (training and reference
       # forwards compiled; sampling stays on CUDA graphs). Two warm-up iterations absorb the compilation (several

@@ -59,6 +59,14 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     )  # fmt: skip
     log = (modes_out / "log.txt").read_text()
     assert "unknown mode 'nope'" in log and "== e2e: rc 2" in log, log[-2000:]
+    # the gated step passes GATE_T to bench_e2e.py's --head-max-timestep (a negative one: its check answers)
+    gated_out = tmp_path / "gated"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "gated"],
+        env={**env, "OUT": str(gated_out), "GATE_T": "-1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    log = (gated_out / "log.txt").read_text()
+    assert "--head-max-timestep must be >= 0" in log and "== gated: rc 2" in log, log[-2000:]
 
 
 def test_conv_layout_bench_small(tmp_path):
