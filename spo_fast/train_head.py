@@ -54,6 +54,11 @@ class HeadModelConfig:
     downsample: int = _f(0, "stride-2 stages of the latent encoder (SD1.5 64x64 latents: 2)")
     embed_dim: int = _f(128, "joint image/text embedding width")
     levels: list = _f([1, 2, 4], "pyramid pooling grid sizes of the tail")
+    potential: bool = _f(
+        False,
+        "direction encoder: the direction is the latent gradient of a learned scalar potential (conservative, as the "
+        "teacher's gradient; training takes a double backward, ~3x the step time)",
+    )
 
 
 @dataclass
@@ -188,6 +193,11 @@ class HeadDistiller:
             raise ValueError(f"teacher.kind must be toy or step_aware, got {cfg.teacher.kind!r}")
         if cfg.teacher.kind == "step_aware" and not cfg.teacher.checkpoint:
             raise ValueError("teacher.kind=step_aware needs teacher.checkpoint (the official step-aware model)")
+        if cfg.model.potential and cfg.model.encoder != "direction":
+            raise ValueError(
+                f"model.potential makes the direction head's output a gradient and needs --model.encoder direction "
+                f"(got {cfg.model.encoder!r}): drop --model.potential or use the direction encoder"
+            )
         if cfg.data.gradient_at not in ("mean", "midpoints"):
             raise ValueError(f"data.gradient_at must be mean or midpoints, got {cfg.data.gradient_at!r}")
         for key in ("train.steps", "train.batch_pools", "data.train_passes", "data.eval_passes", "data.batch_size"):
@@ -224,6 +234,7 @@ class HeadDistiller:
             downsample=cfg.model.downsample,
             embed_dim=cfg.model.embed_dim,
             levels=list(cfg.model.levels),
+            potential=cfg.model.potential,
             scheduler=scheduler_signature(self.components.scheduler),
             base_model=cfg.model.pretrained,
         )

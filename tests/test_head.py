@@ -390,6 +390,48 @@ def test_direction_head_checkpoint_round_trip(tmp_path):
         )
 
 
+def test_potential_direction_is_a_conservative_field_and_trains_by_double_backward(tmp_path):
+    """model.potential: the direction is the gradient of a scalar potential, so its Jacobian in the pool mean is
+    symmetric (a Hessian), which a free direction head's is not; under grad mode the parameters get gradients
+    through it (double backward), under no_grad it comes back detached; checkpoints keep the setting."""
+    g = torch.Generator().manual_seed(4)
+    px, t = torch.randn(1, 2, 3, 3, generator=g), torch.tensor([300])
+    embeds = torch.randn(1, 5, 6, generator=g)
+
+    def jacobian(head):
+        text = head.text_features(embeds).detach()
+        f = lambda m: head.direction(m.view(1, 2, 3, 3), px, t, text).flatten()  # noqa: E731
+        return torch.autograd.functional.jacobian(f, torch.randn(18, generator=g))
+
+    pot = _head("direction", potential=True)
+    for p in pot.parameters():  # away from the identity initialisation, so the potential is not trivial
+        torch.nn.init.normal_(p, std=0.3, generator=g)
+    j = jacobian(pot)
+    assert j.abs().max() > 1e-3
+    torch.testing.assert_close(j, j.t(), atol=1e-5, rtol=1e-4)
+    free = _head("direction")
+    for p in free.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=g)
+    jf = jacobian(free)
+    assert (jf - jf.t()).abs().max() > 0.1 * jf.abs().max()
+    # training: the distillation loss reaches the potential's parameters through the gradient
+    cand = torch.randn(3, 1, 2, 3, 3, generator=g)
+    d = pot.direction(cand.mean(0), px, t, pot.text_features(embeds))
+    direction_distillation_loss(d, torch.randn(1, 2, 3, 3, generator=g)).backward()
+    assert pot.potential_out[0].weight.grad is not None and pot.conv_in.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        scored = pot.score_pools(cand, px, t, pot.text_features(embeds), torch.tensor([0]))
+    assert not scored.requires_grad
+    loaded = load_head(save_head(pot, tmp_path / "head.pt"))
+    assert loaded.config.potential
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.score_pools(cand, px, t, loaded.text_features(embeds), torch.tensor([0])), scored
+        )
+    with pytest.raises(ValueError, match="potential head is a 'direction' head"):
+        _head("latent", potential=True)
+
+
 def _toy():
     from spo_fast.pipeline import PromptEncoder, load_components
     from spo_fast.toy import toy_model_path
@@ -547,6 +589,11 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(mid) == 0 and (tmp_path / "mid" / "head.pt").is_file()
     bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.gradient_at", "candidates"]
     assert main(bad) == 2 and not (tmp_path / "bad" / "data_train.pt").exists()
+    # the potential head (model.potential) on the recorded data; on a per-candidate encoder a clear early error
+    pot = [*args, "--log.output_dir", str(tmp_path / "pot"), "--model.potential", "true"]
+    assert main(pot) == 0 and load_head(tmp_path / "pot" / "head.pt").config.potential
+    bad = [*args, "--log.output_dir", str(tmp_path / "bad2"), "--model.potential", "true", "--model.encoder", "latent"]
+    assert main(bad) == 2 and not (tmp_path / "bad2" / "data_train.pt").exists()
 
 
 @pytest.mark.parametrize("mode", ["head", "verify", "gated"])
