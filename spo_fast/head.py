@@ -13,8 +13,9 @@ Encoders (``HeadArchConfig.encoder``):
   to first order, ``<grad, x_i - x_j>``. On the toy world that first-order oracle orders 93% of the teacher's
   valid best/worst pairs correctly, while heads that embed each candidate on its own (below) reach ~57%: the
   differences they must resolve are tiny against the features they share. The conv net runs on the b pool means,
-  not the k*b candidates. With ``potential`` (``--model.potential true``) ``g`` is the latent gradient of a learned
-  scalar potential, a conservative field as the teacher's gradient is: +2-4 points of agreement on the toy world.
+  not the k*b candidates. With ``potential`` (``train_head``'s default; ``--model.potential false`` for a free
+  output) ``g`` is the latent gradient of a learned scalar potential, a conservative field as the teacher's gradient
+  is: +2-4 points of agreement on the toy world, most in the noisiest bucket.
 * ``latent``: a small trainable conv encoder per candidate; every residual block is adaLN-modulated by the
   timestep (sinusoidal(256) -> MLP -> shift, scale, gate), as in the step-aware preference model's vision layers.
 * ``unet``: the frozen base UNet's own conv_in, time embedding, down blocks and mid block (LoRA adapters
@@ -40,13 +41,13 @@ the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to
 not only its order, and the same ``threshold`` selects pairs in head mode. (The same loss on the direction head
 alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
 
-Status: on the toy world the trained direction head agrees with the teacher on 75-83% of held-out valid pairs
-(target 85%), and SPO driven by its labels alone does not learn: the policy's pools drift away from the base
-model's, where the head was distilled. Two ways out: the sampler's verified mode (the head proposes each pool's pair,
-the teacher orders it: ``PoolSampler(verify_head=True)``), and :class:`RefreshingHeadScorer` (the head keeps
-distilling the teacher's gradient on the policy's own pools during SPO). Either can be gated by timestep
-(``PoolSampler(head_max_timestep=)``, ``preference.head_max_timestep``): the teacher keeps the noisiest steps, where
-the head is least accurate. README, "Noisy-latent preference head".
+Status: on the toy world the trained direction head agrees with the teacher on 75-84% of held-out valid pairs (target
+85%; the potential head 83.6-83.8%, 79-82% in (500,750]), and SPO driven by its labels alone does not learn: the
+policy's pools drift away from the base model's, where the head was distilled. Two ways out: the sampler's verified
+mode (the head proposes each pool's pair, the teacher orders it: ``PoolSampler(verify_head=True)``), and
+:class:`RefreshingHeadScorer` (the head keeps distilling the teacher's gradient on the policy's own pools during SPO).
+Either can be gated by timestep (``PoolSampler(head_max_timestep=)``, ``preference.head_max_timestep``): the teacher
+keeps the noisiest steps, where the head is least accurate. README, "Noisy-latent preference head".
 """
 
 from __future__ import annotations

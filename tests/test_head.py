@@ -589,11 +589,10 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(mid) == 0 and (tmp_path / "mid" / "head.pt").is_file()
     bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.gradient_at", "candidates"]
     assert main(bad) == 2 and not (tmp_path / "bad" / "data_train.pt").exists()
-    # the potential head (model.potential) on the recorded data; on a per-candidate encoder a clear early error
-    pot = [*args, "--log.output_dir", str(tmp_path / "pot"), "--model.potential", "true"]
-    assert main(pot) == 0 and load_head(tmp_path / "pot" / "head.pt").config.potential
-    bad = [*args, "--log.output_dir", str(tmp_path / "bad2"), "--model.potential", "true", "--model.encoder", "latent"]
-    assert main(bad) == 2 and not (tmp_path / "bad2" / "data_train.pt").exists()
+    # the default direction head is the potential one; the free output on request
+    assert head.config.potential
+    free = [*args, "--log.output_dir", str(tmp_path / "free"), "--model.potential", "false"]
+    assert main(free) == 0 and not load_head(tmp_path / "free" / "head.pt").config.potential
 
 
 @pytest.mark.parametrize("mode", ["head", "verify", "gated"])
