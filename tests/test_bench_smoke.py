@@ -51,22 +51,19 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown step nope" in bad.stdout
     assert not bad_out.exists(), "an unknown step must fail before any work"
-    # E2E_MODES reaches bench_e2e.py (an unknown mode: its argument check answers before any model is built)
-    modes_out = tmp_path / "modes"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_session.sh"), "e2e"],
-        env={**env, "OUT": str(modes_out), "E2E_MODES": "official nope"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    log = (modes_out / "log.txt").read_text()
-    assert "unknown mode 'nope'" in log and "== e2e: rc 2" in log, log[-2000:]
-    # the gated step passes GATE_T to bench_e2e.py's --head-max-timestep (a negative one: its check answers)
-    gated_out = tmp_path / "gated"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_session.sh"), "gated"],
-        env={**env, "OUT": str(gated_out), "GATE_T": "-1"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    log = (gated_out / "log.txt").read_text()
-    assert "--head-max-timestep must be >= 0" in log and "== gated: rc 2" in log, log[-2000:]
+    # E2E_MODES reaches bench_e2e.py (an unknown mode), GATE_T its --head-max-timestep (a negative one): in both the
+    # argument check answers before any model is built
+    for step, extra, want in (
+        ("e2e", {"E2E_MODES": "official nope"}, "unknown mode 'nope'"),
+        ("gated", {"GATE_T": "-1"}, "--head-max-timestep must be >= 0"),
+    ):
+        out = tmp_path / step
+        subprocess.run(
+            ["bash", str(BENCH / "gpu_session.sh"), step],
+            env={**env, "OUT": str(out), **extra}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        log = (out / "log.txt").read_text()
+        assert want in log and f"== {step}: rc 2" in log, log[-2000:]
 
 
 def test_conv_layout_bench_small(tmp_path):
