@@ -853,7 +853,6 @@ def timestep_buckets(timesteps: Tensor, edges: Sequence[int] = (0, 250, 500, 750
 
 
 @torch.no_grad()
-@torch.no_grad()
 def pool_directions(
     head: NoisyLatentPreferenceHead, data: PoolRecord, text_embeds: Tensor, batch_pools: int = 256
 ) -> Tensor:
