@@ -569,15 +569,17 @@ class TimedHead:
 
 def head_arch(comps: Any, scale: str) -> Any:
     """The head the fast+head mode times: the direction head (the chosen design, see spo_fast.head; its conv net runs
-    on the b pool means), 128 wide at full scale, and the toy default (32 wide, 3 blocks) at small scale."""
+    on the b pool means), as train_head builds it by default (the potential head: a forward and a backward of the
+    small net per scored step), 128 wide at full scale, and the toy default (32 wide, 3 blocks) at small scale."""
     from spo_fast.head import HeadArchConfig, scheduler_signature
+    from spo_fast.train_head import HeadTrainConfig
 
     full = scale == "full"
     return HeadArchConfig(
         encoder="direction", latent_channels=int(comps.unet.config.in_channels),
         text_dim=sum(int(e.config.hidden_size) for e in comps.text_encoders), width=128 if full else 32,
         depth=4 if full else 3, downsample=0, embed_dim=128 if full else 64,
-        scheduler=scheduler_signature(comps.scheduler),
+        potential=HeadTrainConfig().model.potential, scheduler=scheduler_signature(comps.scheduler),
     )  # fmt: skip
 
 
@@ -637,6 +639,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
             _state_bytes(comps.unet, *comps.text_encoders, head) + _optimizer_bytes(trainer.optimizer)
         )
     mode.details["head_parameters"] = sum(p.numel() for p in head.parameters())
+    mode.details["head_potential"] = head.config.potential
     return mode
 
 
