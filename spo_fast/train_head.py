@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ov = report["heldout"]["overall"]
     print(json.dumps({k: report[k] for k in ("head", "encoder", "train_pools", "eval_pools", "steps")} | {
-        "heldout_agree_valid": ov["agree_valid"], "per_bucket": {
+        "heldout_agree_valid": ov["agree_valid"], "standard_error": ov["agree_valid_se"], "per_bucket": {
             b: v["agree_valid"] for b, v in report["heldout"]["buckets"].items()}}, indent=2))  # fmt: skip
     print(f"\nhead written to {report['head']}; report.json and report.png in {cfg.log.output_dir}")
     return 0

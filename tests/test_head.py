@@ -577,6 +577,9 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert report["encoder"] == "direction" and report["steps"] == 12
     assert -1.0 <= report["heldout"]["overall"]["grad_cosine"] <= 1.0
     assert 0.0 <= report["heldout"]["oracle_agree_valid"]["overall"] <= 1.0
+    for row in [report["heldout"]["overall"], *report["heldout"]["buckets"].values()]:
+        p, n, se = row["agree_valid"], row["teacher_valid"], row["agree_valid_se"]
+        assert (se is None) if n == 0 else se == pytest.approx((p * (1 - p) / n) ** 0.5)
     assert (out / "report.png").is_file() and (out / "data_train.pt").is_file()
     head = load_head(out / "head.pt")
     assert head.config.encoder == "direction"
