@@ -60,6 +60,12 @@ class HeadModelConfig:
         "teacher's gradient; toy world: +3-5 points in (500,750]; training takes a double backward, ~3x the step "
         "time); false: a free latent-shaped output. Per-candidate encoders (latent, unet) have no direction",
     )
+    score_rule: str = _f(
+        "auto",
+        "direction encoder: how candidates are scored: gradient (first order <g(mean), x_i - mean>, the net runs on "
+        "the b pool means) | value (a potential head's scalar at each candidate, k*b rows; toy world +1.4 points, "
+        "+2.4 in (500,750]) | auto (value for a potential head)",
+    )
 
 
 @dataclass
@@ -200,6 +206,11 @@ class HeadDistiller:
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        # The head's own settings, checked before the run folder is written (the base model's sizes come later).
+        HeadArchConfig(
+            encoder=cfg.model.encoder, width=cfg.model.width, depth=cfg.model.depth, embed_dim=cfg.model.embed_dim,
+            potential=cfg.model.potential and cfg.model.encoder == "direction", score_rule=cfg.model.score_rule,
+        ).validate()  # fmt: skip
         self.out = Path(cfg.log.output_dir)
         self._check_output(resume, overwrite)
         if cfg.train.threads:
@@ -231,6 +242,7 @@ class HeadDistiller:
             embed_dim=cfg.model.embed_dim,
             levels=list(cfg.model.levels),
             potential=cfg.model.potential and cfg.model.encoder == "direction",  # per-candidate heads score directly
+            score_rule=cfg.model.score_rule,
             scheduler=scheduler_signature(self.components.scheduler),
             base_model=cfg.model.pretrained,
         )

@@ -20,6 +20,7 @@ from spo_fast.head import (
     pool_ranking_loss,
     save_head,
     scheduler_signature,
+    timestep_embedding,
 )
 from spo_fast.sampler import PoolSampler, PoolSamplerConfig
 
@@ -432,6 +433,62 @@ def test_potential_direction_is_a_conservative_field_and_trains_by_double_backwa
         _head("latent", potential=True)
 
 
+def test_potential_value_rule_scores_candidates_by_the_potential(tmp_path):
+    """score_rule: a potential head scores by its value phi(x_i) centred per pool (checked against phi of each
+    candidate run alone), which tends to the first-order rule <g(mean), x_i - mean> as the pool shrinks; 'gradient'
+    keeps the first-order rule; old checkpoints (no score_rule) load as 'auto'; a free head cannot score by value."""
+    g = torch.Generator().manual_seed(7)
+    pot = _head("direction", potential=True)
+    for p in pot.parameters():  # away from the identity initialisation, so the potential is curved
+        torch.nn.init.normal_(p, std=0.3, generator=g)
+    k, b = 3, 2
+    px, t = torch.randn(b, 2, 5, 3, generator=g), torch.tensor([700, 20])
+    embeds, idx = torch.randn(2, 5, 6, generator=g), torch.tensor([1, 0])
+    cand = torch.randn(k, b, 2, 5, 3, generator=g)
+    assert pot.scores_by_value
+    with torch.no_grad():
+        text = pot.text_features(embeds)
+        scores = pot.score_pools(cand, px, t, text, idx)
+        cond = pot.t_embedder(timestep_embedding(t)) + text[idx]
+
+        def phi(x, j):  # the potential of one candidate of pool j, run alone
+            h = pot.conv_in(torch.cat([x[None], px[j : j + 1]], 1))
+            for blk in pot.blocks:
+                h = blk(h, cond[j : j + 1])
+            return pot.potential_out(torch.nn.functional.silu(h)).sum()
+
+        ref = torch.tensor([[float(phi(cand[r, j], j)) for j in range(b)] for r in range(k)])
+    torch.testing.assert_close(scores, ref - ref.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert scores.abs().max() > 1e-3
+    # a shrinking pool: value differences / eps -> first-order differences / eps
+    grad_head = load_head(save_head(pot, tmp_path / "p.pt"))
+    grad_head.config.score_rule = "gradient"
+    assert not grad_head.scores_by_value
+    mean = torch.randn(b, 2, 5, 3, generator=g)
+    d = torch.randn(k, b, 2, 5, 3, generator=g)
+    d = d - d.mean(0, keepdim=True)
+    eps = 1e-3
+    with torch.no_grad():
+        v = pot.score_pools(mean + eps * d, px, t, text, idx) / eps
+        fo = grad_head.score_pools(mean + eps * d, px, t, text, idx) / eps
+        torch.testing.assert_close(fo, direction_scores(mean + eps * d, pot.direction(mean, px, t, text[idx])) / eps)
+    torch.testing.assert_close(v, fo, atol=2e-3 * fo.abs().max().item(), rtol=0)
+    # the sampler's layout (forward on k*b rows) scores by the same rule
+    with torch.no_grad():
+        flat = pot(cand.flatten(0, 1), t.repeat(k), text, idx.repeat(k), parent_x0=px)
+    torch.testing.assert_close(flat.view(k, b), scores)
+    # an older checkpoint without the field loads as 'auto' (value for a potential head)
+    state = torch.load(tmp_path / "p.pt", weights_only=False)
+    del state["config"]["score_rule"]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_head(tmp_path / "old.pt").scores_by_value
+    with pytest.raises(ValueError, match="needs a potential head"):
+        _head("direction", score_rule="value")
+    with pytest.raises(ValueError, match="score_rule must be one of"):
+        _head("direction", potential=True, score_rule="second_order")
+    assert not _head("direction").scores_by_value  # a free head: first order under 'auto'
+
+
 def _toy():
     from spo_fast.pipeline import PromptEncoder, load_components
     from spo_fast.toy import toy_model_path
@@ -592,10 +649,16 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(mid) == 0 and (tmp_path / "mid" / "head.pt").is_file()
     bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.gradient_at", "candidates"]
     assert main(bad) == 2 and not (tmp_path / "bad" / "data_train.pt").exists()
-    # the default direction head is the potential one; the free output on request
-    assert head.config.potential
+    # the default direction head is the potential one, scoring by value; the free output on request, first order
+    assert head.config.potential and head.scores_by_value and report["heldout"]["score_rule"] == "value"
+    assert 0.0 <= report["heldout"]["overall"]["agree_valid_gradient_rule"] <= 1.0
     free = [*args, "--log.output_dir", str(tmp_path / "free"), "--model.potential", "false"]
     assert main(free) == 0 and not load_head(tmp_path / "free" / "head.pt").config.potential
+    assert json.loads((tmp_path / "free" / "report.json").read_text())["heldout"]["score_rule"] == "gradient"
+    # a value rule without a potential: one clear error before any recording
+    bad_rule = [*args, "--log.output_dir", str(tmp_path / "badrule"), "--model.potential", "false",
+                "--model.score_rule", "value"]  # fmt: skip
+    assert main(bad_rule) == 2 and not (tmp_path / "badrule").exists()
 
 
 @pytest.mark.parametrize("mode", ["head", "verify", "gated"])
