@@ -66,21 +66,30 @@ def flops_section(k: int = 4, b: int = 10) -> dict[str, Any]:
         "vit_h_224": _flops(lambda: vit(pixel_values=torch.randn(n, 3, 224, 224, device="meta"))) / n,
     }
     heads = {}
-    for enc in ("direction", "latent", "unet"):
+    # the direction head three ways: free output (first order), potential scored by value (train_head's default),
+    # potential scored by its gradient (first order: one forward and one backward per pool)
+    variants = {
+        "direction": ("direction", {}),
+        "direction_potential": ("direction", {"potential": True}),
+        "direction_potential_gradient": ("direction", {"potential": True, "score_rule": "gradient"}),
+        "latent": ("latent", {}),
+        "unet": ("unet", {}),
+    }
+    for name, (enc, extra) in variants.items():
         arch = HeadArchConfig(encoder=enc, latent_channels=4, text_dim=768, width=128, depth=4,
                               downsample=2 if enc == "latent" else 0, embed_dim=128, levels=[1, 2, 4],
-                              scheduler=scheduler_signature(sched))  # fmt: skip
+                              scheduler=scheduler_signature(sched), **extra)  # fmt: skip
         with torch.device("meta"):
             head = NoisyLatentPreferenceHead(arch, unet=unet)
         text = torch.randn(1, 128, device="meta")
         idx = torch.zeros(n, dtype=torch.long, device="meta")
         if enc == "direction":  # one pool of k candidates per parent: the conv net runs once per pool
             cand = torch.randn(k, n, 4, 64, 64, device="meta")
-            heads[enc] = _flops(lambda h=head, e=text, i=idx, cd=cand: h.score_pools(cd, x, t, e, i)) / (k * n)
+            heads[name] = _flops(lambda h=head, e=text, i=idx, cd=cand: h.score_pools(cd, x, t, e, i)) / (k * n)
         else:
-            heads[enc] = _flops(lambda h=head, e=text, i=idx: h(x, t, e, i, c)) / n
-        heads[f"{enc}_params"] = sum(p.numel() for p in head.parameters())
-    encs = ("direction", "latent", "unet")
+            heads[name] = _flops(lambda h=head, e=text, i=idx: h(x, t, e, i, c)) / n
+        heads[f"{name}_params"] = sum(p.numel() for p in head.parameters())
+    encs = tuple(variants)
     for e in encs:
         per[f"head_{e}"] = heads[e]
     teacher_step = 2 * k * b * per["unet_row"] + k * b * (per["vae_decode"] + per["vit_h_224"])
