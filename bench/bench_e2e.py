@@ -640,6 +640,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
         )
     mode.details["head_parameters"] = sum(p.numel() for p in head.parameters())
     mode.details["head_potential"] = head.config.potential
+    mode.details["head_score_rule"] = "value" if head.scores_by_value else "gradient"
     return mode
 
 

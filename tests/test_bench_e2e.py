@@ -85,6 +85,7 @@ def test_bench_e2e_small_head_mode(tmp_path):
     assert modes["fast+head_verify"]["phases"]["sampling_decode"] > 0
     assert modes["fast+head"]["phases"]["sampling_decode"] == 0
     assert modes["fast+head"]["head_parameters"] > 0 and modes["fast+head"]["head_potential"]  # train_head's default
+    assert modes["fast+head"]["head_score_rule"] == "value"
     assert modes["fast+head"]["seconds_per_iteration"] > 0
     refresh = modes["fast+head_refresh"]
     assert refresh["pairs_per_iteration"] == [2 * 3] and refresh["phases"]["sampling_decode"] == 0
