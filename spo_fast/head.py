@@ -43,10 +43,10 @@ the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to
 not only its order, and the same ``threshold`` selects pairs in head mode. (The same loss on the direction head
 alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
 
-Status: on the toy world the trained direction head agrees with the teacher on up to 80.4% of held-out valid pairs
-(target 85%; 768 recorded passes, a 6144-pool held-out set; 72.5% in (500,750]), and SPO driven by its labels alone
-does not learn: the
-policy's pools drift away from the base model's, where the head was distilled. Two ways out: the sampler's verified
+Status: on the toy world the trained direction head agrees with the teacher on up to 81.9% of held-out valid pairs
+(target 85%; a potential head scoring by value, 768 recorded passes, a 6144-pool held-out set; 75.0% in
+(500,750]), and SPO driven by its labels alone does not learn: the policy's pools drift away from the base
+model's, where the head was distilled. Two ways out: the sampler's verified
 mode (the head proposes each pool's pair, the teacher orders it: ``PoolSampler(verify_head=True)``), and
 :class:`RefreshingHeadScorer` (the head keeps distilling the teacher's gradient on the policy's own pools during SPO).
 Either can be gated by timestep (``PoolSampler(head_max_timestep=)``, ``preference.head_max_timestep``): the teacher
