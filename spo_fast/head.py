@@ -423,12 +423,15 @@ class NoisyLatentPreferenceHead(nn.Module):
             m = mean.float()
             if not m.requires_grad:  # a caller differentiating in the mean keeps its graph
                 m = m.detach().requires_grad_(True)
-            h = self.conv_in(torch.cat([m, parent_x0.float()], 1))
-            for blk in self.blocks:
-                h = blk(h, cond)
-            phi = self.potential_out(F.silu(h)).sum()
-            (g,) = torch.autograd.grad(phi, m, create_graph=train)
+            (g,) = torch.autograd.grad(self._phi(m, parent_x0, cond).sum(), m, create_graph=train)
         return g if train else g.detach()
+
+    def _phi(self, x: Tensor, parent_x0: Tensor, cond: Tensor) -> Tensor:
+        """The potential ``[n]`` of latents ``x [n, C, h, w]`` (``parent_x0 [n, ...]``, ``cond [n, width]``)."""
+        h = self.conv_in(torch.cat([x.float(), parent_x0.float()], 1))
+        for blk in self.blocks:
+            h = blk(h, cond)
+        return self.potential_out(F.silu(h)).flatten(1).sum(1)
 
     @property
     def scores_by_value(self) -> bool:
@@ -453,12 +456,8 @@ class NoisyLatentPreferenceHead(nn.Module):
                 f"trained for {c} latent channels (base model {self.config.base_model or '?'})"
             )
         cond = self.t_embedder(timestep_embedding(timesteps.to(candidates.device))) + text
-        x = candidates.float().flatten(0, 1)  # rows r * b + j: candidate r of pool j
-        h = self.conv_in(torch.cat([x, parent_x0.float().repeat(k, 1, 1, 1)], 1))
-        cond = cond.repeat(k, 1)
-        for blk in self.blocks:
-            h = blk(h, cond)
-        phi = self.potential_out(F.silu(h)).flatten(1).sum(1).view(k, b)
+        # rows r * b + j: candidate r of pool j
+        phi = self._phi(candidates.flatten(0, 1), parent_x0.repeat(k, 1, 1, 1), cond.repeat(k, 1)).view(k, b)
         return phi - phi.mean(0, keepdim=True)
 
     def score_pools(
