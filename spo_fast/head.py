@@ -43,10 +43,10 @@ the head's pair probability ``sigmoid(h_i - h_j)`` is fitted by cross-entropy to
 not only its order, and the same ``threshold`` selects pairs in head mode. (The same loss on the direction head
 alone stays at chance on the toy world; ``train.rank_weight`` adds it to gradient distillation.)
 
-Status: on the toy world the trained direction head agrees with the teacher on up to 81.9% of held-out valid pairs
-(target 85%; a potential head scoring by value, 768 recorded passes, a 6144-pool held-out set; 75.0% in
-(500,750]), and SPO driven by its labels alone does not learn: the policy's pools drift away from the base
-model's, where the head was distilled. Two ways out: the sampler's verified
+Status: on the toy world the trained direction head agrees with the teacher on up to 82.9% of held-out valid pairs
+(target 85% per timestep bucket; a potential head scoring by value, 1536 recorded passes, a 6144-pool held-out set;
+92.4 / 85.8 / 75.8% in (0,250] / (250,500] / (500,750]), and SPO driven by its labels alone does not learn: the
+policy's pools drift away from the base model's, where the head was distilled. Two ways out: the sampler's verified
 mode (the head proposes each pool's pair, the teacher orders it: ``PoolSampler(verify_head=True)``), and
 :class:`RefreshingHeadScorer` (the head keeps distilling the teacher's gradient on the policy's own pools during SPO).
 Either can be gated by timestep (``PoolSampler(head_max_timestep=)``, ``preference.head_max_timestep``): the teacher
@@ -443,9 +443,10 @@ class NoisyLatentPreferenceHead(nn.Module):
         (``text [b, width]``: rows of :meth:`text_features`). Why: the first-order rule ``<g(mean), x_i - mean>``
         is exact only for a linear score, and the pools at t > 500 are wide enough for the curvature to reorder
         pairs; the potential, fitted by its gradients, also carries that curvature. On the toy world's 6144
-        held-out pools (``bench/results/cpu/head_heldout_6144.json``) it orders 81.9% of the teacher's valid pairs
-        against 80.4%, 75.0% against 72.5% in (500,750] (right where the first-order rule is wrong 105 times,
-        wrong where it is right 45). Costs k forwards of the small net instead of one forward and one backward."""
+        held-out pools (``bench/results/cpu/head_heldout_6144.json``) the 768-pass head orders 81.9% of the
+        teacher's valid pairs against 80.4%, 75.0% against 72.5% in (500,750] (right where the first-order rule is
+        wrong 105 times, wrong where it is right 45); the 1536-pass head 82.9% against 81.3% (112 to 44).
+        Costs k forwards of the small net instead of one forward and one backward."""
         if not self.config.potential:
             raise ValueError("potential_values() needs a potential head (HeadArchConfig.potential)")
         k, b = candidates.shape[:2]
