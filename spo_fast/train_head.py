@@ -413,6 +413,14 @@ class HeadDistiller:
         self.train(data, eval_data)
         t_train = time.perf_counter() - t1
         result = self.evaluate(eval_data)
+        if not result["overall"]["teacher_valid"]:
+            # Why a warning, not an error: the head is trained and saved all the same; only its check is missing.
+            logger.warning(
+                "no held-out pool has a pair the teacher calls valid at sampling.threshold %s, so the head's agreement "
+                "is undefined: record more held-out pools (--data.eval_passes) or use the threshold your SPO run "
+                "uses (toy 0.05, sd15/sdxl 0.3)",
+                self.cfg.sampling.threshold,
+            )
         train_fit = self.evaluate(data.subset(slice(0, min(len(data), len(eval_data)))))
         head_path = save_head(self.head, self.out / "head.pt", {"agreement": result})
         n_params = sum(p.numel() for p in self.head.parameters())
@@ -457,7 +465,8 @@ def write_head_report(report: dict[str, Any], path: Path) -> Path:
     ax[1].axhline(0.85, ls=":", c="gray", label="target 0.85")
     ax[1].set_xticks(list(x), names, rotation=30, fontsize=8)
     ov = report["heldout"]["overall"]
-    ax[1].set(title=f"held-out agreement ({report['encoder']}): {ov['agree_valid']:.3f} on valid pairs",
+    agree = "n/a (no valid pair)" if ov["agree_valid"] is None else f"{ov['agree_valid']:.3f}"
+    ax[1].set(title=f"held-out agreement ({report['encoder']}): {agree} on valid pairs",
               ylim=(0, 1.05), xlabel="timestep bucket")  # fmt: skip
     ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()

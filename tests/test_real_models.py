@@ -124,3 +124,76 @@ def test_bad_model_inputs_fail_early(tiny_world, tmp_path, capsys):
     sdxl_on_sd15[sdxl_on_sd15.index("--model.pretrained") + 1] = str(tiny_world["sd15"])
     assert main(sdxl_on_sd15) == 2
     assert "holds an sd15 pipeline, not sdxl" in capsys.readouterr().err
+
+
+def test_noisy_latent_head_on_sd15_with_the_step_aware_teacher(tiny_world, tmp_path):
+    """The head's real-model path: the official-format step-aware model teaches `python -m spo_fast.train_head` on an
+    SD1.5-structured pipeline (its gradient through the lookahead, the VAE decoder and the CLIP preprocessing checked
+    against central differences), and the head it writes drives SPO through the training CLI (verified, and
+    refreshed with the teacher keeping the noisier steps)."""
+    from spo_fast.head import _teacher_gradient, load_head
+    from spo_fast.pipeline import CFGDenoiser, PromptEncoder
+    from spo_fast.preference import StepAwarePreferenceModel
+    from spo_fast.sampler import PoolSampler, PoolSamplerConfig
+    from spo_fast.train_head import main as train_head
+    from spo_fast.train_head import write_head_report
+
+    w = tiny_world
+    comps = load_components(str(w["sd15"]))
+    enc = PromptEncoder(comps)
+    teacher = StepAwarePreferenceModel.from_pretrained(
+        backbone=w["backbone"], checkpoint=w["ckpt"], processor=str(w["backbone"])
+    ).eval()
+    prompts = ["a red cat", "a blue car"]
+    cond = enc(prompts)
+    den = CFGDenoiser(comps.unet, enc([""]), 5.0)
+    cfg = PoolSamplerConfig(num_steps=6, num_candidates=2, divert_step=1, threshold=0.0, lookahead_steps=1)
+    sampler = PoolSampler(den, comps.scheduler, teacher, cfg)
+    t = int(sampler.timesteps[2])
+    mean = torch.randn(2, *comps.latent_shape, generator=torch.Generator().manual_seed(1))
+    grad = _teacher_gradient(sampler, comps, teacher, mean, t, cond, prompts)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+    def f(x):
+        with torch.no_grad():
+            ts = torch.full((2,), t)
+            x0, _ = sampler._lookahead_x0(x, den(x, ts, cond), t, cond)
+            return teacher(comps.decode(x0).float(), ts, prompts).double()
+
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(mean.shape, generator=g)
+        v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        h = 1e-2
+        fd = (f(mean + h * v) - f(mean - h * v)) / (2 * h)
+        torch.testing.assert_close((grad * v).sum((1, 2, 3)).double(), fd, rtol=0.1, atol=1e-4)
+
+    out = tmp_path / "head"
+    args = ["--model.pretrained", str(w["sd15"]), "--teacher.kind", "step_aware",
+            "--teacher.backbone", str(w["backbone"]), "--teacher.processor", str(w["backbone"]),
+            "--teacher.checkpoint", str(w["ckpt"]),
+            "--data.prompts", str(w["prompts"]), "--data.eval_prompts", str(w["prompts"]), "--data.train_passes", "2",
+            "--data.eval_passes", "2", "--data.batch_size", "2", "--sampling.num_steps", "6",
+            "--sampling.divert_step", "1", "--sampling.threshold", "0.0", "--sampling.lookahead_steps", "1",
+            "--train.steps", "10", "--train.batch_pools", "4", "--log.output_dir", str(out),
+            "--log.progress", "false"]  # fmt: skip
+    assert train_head(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["heldout"]["overall"]["teacher_valid"] > 0
+    assert 0.0 <= report["heldout"]["overall"]["agree_valid"] <= 1.0
+    data = torch.load(out / "data_train.pt", weights_only=False)
+    assert torch.isfinite(data["grad"]).all() and data["grad"].abs().max() > 0
+    # no held-out pair the teacher calls valid (few pools, a high threshold): the report is written all the same
+    report["heldout"]["overall"]["agree_valid"] = None
+    assert write_head_report(report, tmp_path / "none.png").is_file()
+    head = load_head(out / "head.pt")
+    assert head.config.latent_channels == comps.unet.config.in_channels
+    assert head.config.text_dim == comps.text_encoders[0].config.hidden_size
+
+    for extra in (["--preference.verify_head", "true"],
+                  ["--preference.head_refresh", "2", "--preference.head_max_timestep", "200"]):  # fmt: skip
+        run = tmp_path / f"spo_{extra[0].split('_')[-1]}"
+        spo = [*_args(w, "sd15", run), "--preference.head", str(out / "head.pt"), *extra]
+        assert main(spo) == 0
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["pairs"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in rows)
