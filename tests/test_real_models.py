@@ -126,10 +126,11 @@ def test_bad_model_inputs_fail_early(tiny_world, tmp_path, capsys):
     assert "holds an sd15 pipeline, not sdxl" in capsys.readouterr().err
 
 
-def test_noisy_latent_head_on_sd15_with_the_step_aware_teacher(tiny_world, tmp_path):
+@pytest.mark.parametrize("preset", ["sd15", "sdxl"])
+def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, preset):
     """The head's real-model path: the official-format step-aware model teaches `python -m spo_fast.train_head` on an
-    SD1.5-structured pipeline (its gradient through the lookahead, the VAE decoder and the CLIP preprocessing checked
-    against central differences), and the head it writes drives SPO through the training CLI (verified, and
+    SD1.5- or SDXL-structured pipeline (its gradient through the lookahead, the VAE decoder and the CLIP preprocessing
+    checked against central differences), and the head it writes drives SPO through the training CLI (verified, and
     refreshed with the teacher keeping the noisier steps)."""
     from spo_fast.head import _teacher_gradient, load_head
     from spo_fast.pipeline import CFGDenoiser, PromptEncoder
@@ -139,7 +140,7 @@ def test_noisy_latent_head_on_sd15_with_the_step_aware_teacher(tiny_world, tmp_p
     from spo_fast.train_head import write_head_report
 
     w = tiny_world
-    comps = load_components(str(w["sd15"]))
+    comps = load_components(str(w[preset]))
     enc = PromptEncoder(comps)
     teacher = StepAwarePreferenceModel.from_pretrained(
         backbone=w["backbone"], checkpoint=w["ckpt"], processor=str(w["backbone"])
@@ -169,7 +170,7 @@ def test_noisy_latent_head_on_sd15_with_the_step_aware_teacher(tiny_world, tmp_p
         torch.testing.assert_close((grad * v).sum((1, 2, 3)).double(), fd, rtol=0.1, atol=1e-4)
 
     out = tmp_path / "head"
-    args = ["--model.pretrained", str(w["sd15"]), "--teacher.kind", "step_aware",
+    args = ["--model.pretrained", str(w[preset]), "--teacher.kind", "step_aware",
             "--teacher.backbone", str(w["backbone"]), "--teacher.processor", str(w["backbone"]),
             "--teacher.checkpoint", str(w["ckpt"]),
             "--data.prompts", str(w["prompts"]), "--data.eval_prompts", str(w["prompts"]), "--data.train_passes", "2",
@@ -188,12 +189,12 @@ def test_noisy_latent_head_on_sd15_with_the_step_aware_teacher(tiny_world, tmp_p
     assert write_head_report(report, tmp_path / "none.png").is_file()
     head = load_head(out / "head.pt")
     assert head.config.latent_channels == comps.unet.config.in_channels
-    assert head.config.text_dim == comps.text_encoders[0].config.hidden_size
+    assert head.config.text_dim == cond.embeds.shape[-1]
 
     for extra in (["--preference.verify_head", "true"],
                   ["--preference.head_refresh", "2", "--preference.head_max_timestep", "200"]):  # fmt: skip
         run = tmp_path / f"spo_{extra[0].split('_')[-1]}"
-        spo = [*_args(w, "sd15", run), "--preference.head", str(out / "head.pt"), *extra]
+        spo = [*_args(w, preset, run), "--preference.head", str(out / "head.pt"), *extra]
         assert main(spo) == 0
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["pairs"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in rows)
