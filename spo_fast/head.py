@@ -671,6 +671,8 @@ def load_head(
             components.scheduler,
         )
     head.load_state_dict(state["state_dict"])
+    # The pools and x0 estimate it was distilled on (train_head writes them; older heads have none).
+    head.distillation = dict(state.get("distillation") or {})
     return head.to(device)
 
 

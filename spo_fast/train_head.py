@@ -3,9 +3,14 @@ head (:mod:`spo_fast.head`).
 
     python -m spo_fast.train_head                                   # the toy world: ToyImageScorer teacher, CPU
     python -m spo_fast.train_head --model.encoder latent --log.output_dir outputs/head_latent
-    python -m spo_fast.train_head --model.pretrained runwayml/stable-diffusion-v1-5 --teacher.kind step_aware \\
-        --teacher.checkpoint sd-v1-5_step_aware.bin --data.prompts 4k_training_prompts.json --model.downsample 2
+    python -m spo_fast.train_head --preset sd15 --teacher.checkpoint sd-v1-5_step-aware_preference_model.bin \\
+        --data.prompts 4k_training_prompts.json                     # SD1.5, the official step-aware teacher
     python -m spo_fast.train_head --resume                          # continue an interrupted run
+
+``--preset toy|sd15|sdxl`` starts from the base model, teacher kind and pool settings (k, branching step, pair
+threshold, lookahead) of ``python -m spo_fast.train``'s preset of that name, so the head is distilled on the pools
+and the x0 estimate the SPO run will judge. Held-out prompts: ``data.eval_prompts`` or, when empty, every 10th prompt
+of ``data.prompts`` (the toy world's held-out split for ``toy``), kept out of training.
 
 Stages, each resumable: (1) sample SPO pools with the base model and the teacher on the training prompts and on
 held-out prompts, recording candidates, timesteps, prompts and teacher scores, and for the direction head the
@@ -79,7 +84,9 @@ class HeadTeacherConfig:
 @dataclass
 class HeadDataConfig:
     prompts: str = _f("toy", "training prompts: a file or 'toy' (toy train split)")
-    eval_prompts: str = _f("toy", "held-out prompts: a file or 'toy' (toy held-out split)")
+    eval_prompts: str = _f(
+        "", "held-out prompts: a file, 'toy' (toy held-out split), or empty: every 10th prompt of data.prompts"
+    )
     column: str = _f("", "prompt column of json/csv/parquet files")
     train_passes: int = _f(48, "sampling passes on training prompts (pools = passes * batch * scored steps)")
     eval_passes: int = _f(6, "sampling passes on held-out prompts")
@@ -161,9 +168,35 @@ def apply_head_overrides(cfg: HeadTrainConfig, overrides: dict[str, Any]) -> Hea
     return cfg
 
 
-def make_head_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HeadTrainConfig:
-    """Defaults, then the YAML/JSON file, then the overrides (later wins)."""
-    cfg = HeadTrainConfig()
+def _head_presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """The trainer's presets as head-distillation starting values: the same base model, teacher kind and pool
+    settings. Why: a head is only as right as the pools and x0 estimates it was distilled on; a head trained with the
+    toy world's 2-jump lookahead and 0.05 threshold would judge something else than an SD1.5 run's teacher does."""
+    from .config import PRESETS
+
+    out: dict[str, dict[str, dict[str, Any]]] = {"toy": {}}
+    for name in ("sd15", "sdxl"):
+        pre = PRESETS[name]
+        sampling = {k: pre["sampling"][k] for k in ("num_candidates", "divert_step", "threshold")}
+        out[name] = {
+            "model": {"pretrained": pre["model"]["pretrained"], "kind": pre["model"]["kind"]},
+            "teacher": {"kind": pre["preference"]["kind"]},
+            "data": {"prompts": pre["data"]["prompts"]},
+            "sampling": sampling | {"lookahead_steps": pre["sampling"].get("lookahead_steps", 1)},
+            "log": {"output_dir": f"outputs/head_{name}"},
+        }
+    return out
+
+
+def make_head_config(
+    file: str | Path | None = None, overrides: dict[str, Any] | None = None, preset: str = "toy"
+) -> HeadTrainConfig:
+    """The preset's values (``toy`` = the defaults; ``sd15`` / ``sdxl`` as :func:`_head_presets`), then the
+    YAML/JSON file, then the overrides (later wins)."""
+    presets = _head_presets()
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    cfg = apply_head_overrides(HeadTrainConfig(), presets[preset])
     if file:
         apply_head_overrides(cfg, load_config_file(file))
     return apply_head_overrides(cfg, overrides or {})
@@ -172,6 +205,27 @@ def make_head_config(file: str | Path | None = None, overrides: dict[str, Any] |
 def _hash(d: dict[str, Any], sections: tuple[str, ...]) -> str:
     sub = {k: d[k] for k in sections}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train_and_heldout_prompts(data: HeadDataConfig) -> tuple[list[str], list[str]]:
+    """Training and held-out prompts. Without ``data.eval_prompts``, every 10th prompt of a file is held out (spread
+    over the file: prompt files are often sorted) and the rest trains; the toy world has its own held-out split."""
+    from .trainer import _load_prompts
+
+    if data.eval_prompts or data.prompts == "toy":
+        spec = data.eval_prompts or "toy"
+        return _load_prompts(data.prompts, data.column, "train"), _load_prompts(spec, data.column, "heldout")
+    prompts = _load_prompts(data.prompts, data.column, "train")
+    if len(prompts) < 2:
+        raise ValueError(
+            f"data.prompts {data.prompts!r} holds {len(prompts)} prompt(s): too few to hold every 10th out for the "
+            "agreement check; pass more prompts or a held-out file with --data.eval_prompts"
+        )
+    held_out = set(range(9, len(prompts), 10)) if len(prompts) >= 10 else {len(prompts) - 1}
+    held = [p for i, p in enumerate(prompts) if i in held_out]
+    train = [p for i, p in enumerate(prompts) if i not in held_out]
+    logger.info("held out %d of %d prompts (every 10th) for the agreement check", len(held), len(prompts))
+    return train, held
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -188,7 +242,6 @@ class HeadDistiller:
         from .pipeline import PromptEncoder, load_components
         from .precision import resolve_dtype
         from .sampler import PoolSamplerConfig
-        from .trainer import _load_prompts
 
         self.cfg = cfg
         s = cfg.sampling
@@ -229,8 +282,7 @@ class HeadDistiller:
             pretrained, kind, resolve_dtype(cfg.model.dtype, self.device), device=self.device
         )
         self.encoder = PromptEncoder(self.components, device=self.device)
-        self.train_prompts = _load_prompts(cfg.data.prompts, cfg.data.column, "train")
-        self.eval_prompts = _load_prompts(cfg.data.eval_prompts, cfg.data.column, "heldout")
+        self.train_prompts, self.eval_prompts = _train_and_heldout_prompts(cfg.data)
         text_dim = sum(int(e.config.hidden_size) for e in self.components.text_encoders)
         arch = HeadArchConfig(
             encoder=cfg.model.encoder,
@@ -422,7 +474,12 @@ class HeadDistiller:
                 self.cfg.sampling.threshold,
             )
         train_fit = self.evaluate(data.subset(slice(0, min(len(data), len(eval_data)))))
-        head_path = save_head(self.head, self.out / "head.pt", {"agreement": result})
+        s = self.cfg.sampling
+        distillation = {  # what the head learned to judge: the trainer warns when its run judges something else
+            "teacher": self.cfg.teacher.kind, "lookahead_steps": s.lookahead_steps, "num_candidates": s.num_candidates,
+            "threshold": s.threshold, "guidance_scale": s.guidance_scale, "num_steps": s.num_steps,
+        }  # fmt: skip
+        head_path = save_head(self.head, self.out / "head.pt", {"agreement": result, "distillation": distillation})
         n_params = sum(p.numel() for p in self.head.parameters())
         report = {
             "head": str(head_path),
@@ -487,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m spo_fast.train_head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--preset", default="toy", choices=["toy", "sd15", "sdxl"],
+        help="starting values: the base model, teacher and pool settings of `python -m spo_fast.train`'s preset",
+    )  # fmt: skip
     p.add_argument("--config", default=None, help="YAML or JSON file with sections model/teacher/data/...")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--resume", action="store_true", help="continue the run in log.output_dir")
@@ -507,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown argument(s) {' '.join(unknown)}; valid config keys: {', '.join(_valid_keys())}")
     try:
         overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("ov:") and v is not None}
-        cfg = make_head_config(args.config, overrides)
+        cfg = make_head_config(args.config, overrides, preset=args.preset)
         if args.print_config:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0

@@ -111,15 +111,16 @@ def validate_config(cfg: SPOConfig) -> None:
                 f"model.compile_backend {cfg.model.compile_backend!r} is not a torch.compile backend: use inductor "
                 f"(default) or one of {', '.join(backends)}"
             )
+    head_cmd = f"python -m spo_fast.train_head --preset {cfg.preset} --model.pretrained {cfg.model.pretrained}"
     if cfg.preference.head and not Path(cfg.preference.head).is_file():
         raise ValueError(
-            f"preference.head {cfg.preference.head!r} does not exist: train one with "
-            f"`python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}` (see README) or drop the option"
+            f"preference.head {cfg.preference.head!r} does not exist: train one with `{head_cmd}` (see README) or drop "
+            "the option"
         )
     if cfg.preference.verify_head and not cfg.preference.head:
         raise ValueError(
             "preference.verify_head needs preference.head (the head that proposes the pairs): pass --preference.head "
-            f"<head.pt>, trained with `python -m spo_fast.train_head --model.pretrained {cfg.model.pretrained}`"
+            f"<head.pt>, trained with `{head_cmd}`"
         )
     pr = cfg.preference
     if pr.head_max_timestep < 0:
@@ -130,8 +131,8 @@ def validate_config(cfg: SPOConfig) -> None:
     if pr.head_max_timestep < 1000 and not pr.head:
         raise ValueError(
             "preference.head_max_timestep splits the scored steps between a noisy-latent head and this preference "
-            "model and needs preference.head: pass --preference.head <head.pt>, trained with `python -m "
-            f"spo_fast.train_head --model.pretrained {cfg.model.pretrained}`, or drop --preference.head_max_timestep"
+            f"model and needs preference.head: pass --preference.head <head.pt>, trained with `{head_cmd}`, or drop "
+            "--preference.head_max_timestep"
         )
     if pr.head_refresh < 0 or pr.head_refresh_steps < 0 or pr.head_refresh_buffer < 1 or pr.head_refresh_lr <= 0:
         raise ValueError(
@@ -148,8 +149,7 @@ def validate_config(cfg: SPOConfig) -> None:
     if pr.head_refresh and not pr.head:
         raise ValueError(
             "preference.head_refresh fine-tunes a noisy-latent head during SPO and needs preference.head: pass "
-            f"--preference.head <head.pt>, trained with `python -m spo_fast.train_head --model.pretrained "
-            f"{cfg.model.pretrained}`, or drop --preference.head_refresh"
+            f"--preference.head <head.pt>, trained with `{head_cmd}`, or drop --preference.head_refresh"
         )
     if cfg.preference.kind == "step_aware" and not cfg.preference.checkpoint:
         raise ValueError(
@@ -413,6 +413,18 @@ class SPOTrainer:
             from .head import HeadScorer, RefreshingHeadScorer, load_head
 
             module = load_head(cfg.preference.head, self.components, self.device, pretrained=cfg.model.pretrained)
+            distilled = getattr(module, "distillation", None) or {}
+            n = cfg.sampling.lookahead_steps
+            if distilled.get("lookahead_steps", n) != n:
+                # A warning, not an error: a mismatched head still runs, but it ranks candidates by another x0
+                # estimate than this run's teacher (on the toy world SPO on 1-step x0 labels falls, 4.10 -> 2.45,
+                # where 2-jump labels rise: README, lookahead scoring).
+                logger.warning(
+                    "head %s was distilled from a teacher judging the x0 after %d lookahead jump(s); this run's "
+                    "teacher judges %d (sampling.lookahead_steps): retrain the head with --sampling.lookahead_steps "
+                    "%d (train_head's --preset %s matches this run's preset)",
+                    cfg.preference.head, distilled["lookahead_steps"], n, n, cfg.preset,
+                )  # fmt: skip
             p = cfg.preference
             if p.head_refresh:
                 head = self.head_refresher = RefreshingHeadScorer(

@@ -661,6 +661,49 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(bad_rule) == 2 and not (tmp_path / "badrule").exists()
 
 
+def test_train_head_presets_follow_the_trainers_and_hold_out_prompts(tmp_path, capsys):
+    """`--preset sd15|sdxl` distils on the pools and x0 estimate the SPO preset of that name judges (preset < config
+    file < overrides); without data.eval_prompts every 10th prompt of the file is held out, disjoint from training."""
+    import json
+
+    from spo_fast.config import PRESETS
+    from spo_fast.toy import prompt_splits
+    from spo_fast.train_head import HeadDataConfig, _train_and_heldout_prompts, main, make_head_config
+
+    for name in ("sd15", "sdxl"):
+        cfg = make_head_config(preset=name)
+        want = PRESETS[name]
+        assert cfg.model.pretrained == want["model"]["pretrained"] and cfg.teacher.kind == "step_aware"
+        for key in ("num_candidates", "divert_step", "threshold"):
+            assert getattr(cfg.sampling, key) == want["sampling"][key]
+        assert cfg.sampling.lookahead_steps == 1 and cfg.data.eval_prompts == ""
+    assert make_head_config().sampling.lookahead_steps == PRESETS["toy"]["sampling"]["lookahead_steps"]
+    file = tmp_path / "cfg.json"
+    file.write_text(json.dumps({"sampling": {"threshold": 0.5}}))
+    assert make_head_config(file, preset="sd15").sampling.threshold == 0.5
+    assert make_head_config(file, {"sampling.threshold": 0.7}, preset="sd15").sampling.threshold == 0.7
+    with pytest.raises(ValueError, match="unknown preset 'sd3'"):
+        make_head_config(preset="sd3")
+
+    prompts = [f"prompt number {i}" for i in range(25)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+    train, held = _train_and_heldout_prompts(HeadDataConfig(prompts=str(tmp_path / "p.txt")))
+    assert held == [prompts[9], prompts[19]] and sorted(train + held) == sorted(prompts) and not set(train) & set(held)
+    (tmp_path / "three.txt").write_text("a\nb\nc")
+    assert _train_and_heldout_prompts(HeadDataConfig(prompts=str(tmp_path / "three.txt"))) == (["a", "b"], ["c"])
+    train, held = _train_and_heldout_prompts(
+        HeadDataConfig(prompts=str(tmp_path / "p.txt"), eval_prompts=str(tmp_path / "three.txt"))
+    )
+    assert train == prompts and held == ["a", "b", "c"]
+    assert _train_and_heldout_prompts(HeadDataConfig()) == tuple(list(x) for x in prompt_splits())
+    (tmp_path / "one.txt").write_text("a lonely prompt")
+    with pytest.raises(ValueError, match="too few to hold every 10th out"):
+        _train_and_heldout_prompts(HeadDataConfig(prompts=str(tmp_path / "one.txt")))
+    # the SD1.5 preset without the teacher's checkpoint: one clear error, nothing written
+    assert main(["--preset", "sd15", "--log.output_dir", str(tmp_path / "run")]) == 2
+    assert "teacher.checkpoint" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode", ["head", "verify", "gated"])
 def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
     """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true | --preference.

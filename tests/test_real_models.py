@@ -127,7 +127,7 @@ def test_bad_model_inputs_fail_early(tiny_world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset", ["sd15", "sdxl"])
-def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, preset):
+def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, preset, caplog):
     """The head's real-model path: the official-format step-aware model teaches `python -m spo_fast.train_head` on an
     SD1.5- or SDXL-structured pipeline (its gradient through the lookahead, the VAE decoder and the CLIP preprocessing
     checked against central differences), and the head it writes drives SPO through the training CLI (verified, and
@@ -170,15 +170,17 @@ def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, pre
         torch.testing.assert_close((grad * v).sum((1, 2, 3)).double(), fd, rtol=0.1, atol=1e-4)
 
     out = tmp_path / "head"
-    args = ["--model.pretrained", str(w[preset]), "--teacher.kind", "step_aware",
-            "--teacher.backbone", str(w["backbone"]), "--teacher.processor", str(w["backbone"]),
-            "--teacher.checkpoint", str(w["ckpt"]),
-            "--data.prompts", str(w["prompts"]), "--data.eval_prompts", str(w["prompts"]), "--data.train_passes", "2",
-            "--data.eval_passes", "2", "--data.batch_size", "2", "--sampling.num_steps", "6",
-            "--sampling.divert_step", "1", "--sampling.threshold", "0.0", "--sampling.lookahead_steps", "1",
-            "--train.steps", "10", "--train.batch_pools", "4", "--log.output_dir", str(out),
-            "--log.progress", "false"]  # fmt: skip
+    # the preset gives the trainer's teacher kind and pool settings; the held-out prompts are every 10th of the file
+    args = ["--preset", preset, "--model.pretrained", str(w[preset]), "--teacher.backbone", str(w["backbone"]),
+            "--teacher.processor", str(w["backbone"]), "--teacher.checkpoint", str(w["ckpt"]),
+            "--data.prompts", str(w["prompts"]), "--data.train_passes", "2", "--data.eval_passes", "2",
+            "--data.batch_size", "2", "--sampling.num_steps", "6", "--sampling.divert_step", "1",
+            "--sampling.threshold", "0.0", "--train.steps", "10", "--train.batch_pools", "4",
+            "--log.output_dir", str(out), "--log.progress", "false"]  # fmt: skip
     assert train_head(args) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["teacher"]["kind"] == "step_aware" and written["sampling"]["lookahead_steps"] == 1
+    assert written["sampling"]["num_candidates"] == (2 if preset == "sdxl" else 4)
     report = json.loads((out / "report.json").read_text())
     assert report["heldout"]["overall"]["teacher_valid"] > 0
     assert 0.0 <= report["heldout"]["overall"]["agree_valid"] <= 1.0
@@ -188,6 +190,7 @@ def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, pre
     report["heldout"]["overall"]["agree_valid"] = None
     assert write_head_report(report, tmp_path / "none.png").is_file()
     head = load_head(out / "head.pt")
+    assert head.distillation["lookahead_steps"] == 1 and head.distillation["teacher"] == "step_aware"
     assert head.config.latent_channels == comps.unet.config.in_channels
     assert head.config.text_dim == cond.embeds.shape[-1]
 
@@ -195,6 +198,14 @@ def test_noisy_latent_head_with_the_step_aware_teacher(tiny_world, tmp_path, pre
                   ["--preference.head_refresh", "2", "--preference.head_max_timestep", "200"]):  # fmt: skip
         run = tmp_path / f"spo_{extra[0].split('_')[-1]}"
         spo = [*_args(w, preset, run), "--preference.head", str(out / "head.pt"), *extra]
+        caplog.clear()
         assert main(spo) == 0
+        assert "lookahead" not in caplog.text  # distilled on the run's own x0 estimate: nothing to warn about
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["pairs"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # a run judging another x0 estimate than the head learned: one warning naming the fix
+    caplog.clear()
+    other = [*_args(w, preset, tmp_path / "spo_la2"), "--preference.head", str(out / "head.pt"),
+             "--sampling.lookahead_steps", "2", "--train.iterations", "1"]  # fmt: skip
+    assert main(other) == 0
+    assert "after 1 lookahead jump(s)" in caplog.text and "--sampling.lookahead_steps 2" in caplog.text
