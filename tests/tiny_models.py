@@ -85,3 +85,21 @@ def make_tiny_pipeline(path: Path, kind: str = "sd15", seed: int = 0) -> Path:
         )  # fmt: skip
     pipe.save_pretrained(path)
     return path
+
+
+def assert_teacher_gradient(sampler, components, denoiser, teacher, mean, t, cond, prompts, grad, h, atol, seed):
+    """``grad`` (the analytic gradient under test) against central differences of the teacher's score of the
+    lookahead x0 reached from ``mean`` at step ``t``, along three random unit directions per sample."""
+
+    def f(x):
+        with torch.no_grad():
+            ts = torch.full((x.shape[0],), int(t))
+            x0, _ = sampler._lookahead_x0(x, denoiser(x, ts, cond), t, cond)
+            return teacher(components.decode(x0).float(), ts, prompts).double()
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        v = torch.randn(mean.shape, generator=g)
+        v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        fd = (f(mean + h * v) - f(mean - h * v)) / (2 * h)
+        torch.testing.assert_close((grad * v).sum((1, 2, 3)).double(), fd, rtol=0.1, atol=atol)
