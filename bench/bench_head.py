@@ -221,6 +221,7 @@ def spo_section(
     refresh_every: int = 2,
     refresh_steps: int | None = None,
     head_max_timestep: int | None = None,
+    audit_every: int = 0,
 ) -> dict:
     """Held-out score against time and UNet rows for SPO on the toy world with: the teacher (decode + score every
     candidate), the head alone (its labels trusted), the verified head (head proposes the pair, teacher orders it:
@@ -231,9 +232,10 @@ def spo_section(
     stopped at the UNet outputs, the library defaults), the teacher with k = 2 (the same teacher work per pool as
     the verified head, on a random pair) and the first-order oracle (:class:`_OracleDirection`, a diagnostic).
     ``head_max_timestep``: the head methods score only the steps at or below it, the teacher the noisier ones
-    (``preference.head_max_timestep``)."""
+    (``preference.head_max_timestep``). ``audit_every``: the head methods audit their labels against the teacher
+    on every N-th iteration (``preference.head_audit_every``; the audit's rows are not in ``unet_rows``)."""
     from spo_fast.config import make_config
-    from spo_fast.head import load_head
+    from spo_fast.head import audit_summary
     from spo_fast.sampler import PoolSampler
     from spo_fast.trainer import SPOTrainer
 
@@ -253,8 +255,12 @@ def spo_section(
                 pref["head_refresh_through_unet"] = method != "head_refresh_x0"
                 if refresh_steps is not None:  # head optimizer steps per iteration (default: the library's)
                     pref["head_refresh_steps"] = refresh_steps
-                if head_max_timestep is not None:
-                    pref["head_max_timestep"] = head_max_timestep
+            if method in ("head", "head_verify"):  # the trainer's own head modes
+                pref = {"head": head_path, "verify_head": method == "head_verify"}
+            if pref and head_max_timestep is not None:
+                pref["head_max_timestep"] = head_max_timestep
+            if pref and audit_every:
+                pref["head_audit_every"] = audit_every
             cfg = make_config("toy", overrides={
                 "train": {"iterations": iterations, "seed": seed}, "data": {"num_eval_prompts": eval_prompts},
                 "sampling": sampling, "log": {"output_dir": str(Path(tmp) / "run"), "progress": False, "eval_every": 1},
@@ -265,13 +271,6 @@ def spo_section(
                 oracle = _OracleDirection(tr)
                 s = tr.sampler
                 tr.sampler = oracle.sampler = PoolSampler(s.denoiser, s.scheduler, None, s.config, head=oracle)
-            if method in ("head", "head_verify"):
-                head = HeadScorer(load_head(head_path, tr.components, tr.device))
-                s = tr.sampler
-                tr.sampler = PoolSampler(
-                    s.denoiser, s.scheduler, s.scorer, s.config, head=head, verify_head=method == "head_verify",
-                    head_max_timestep=head_max_timestep,
-                )  # fmt: skip
             curve = [{"iteration": 0, "seconds": 0.0, "unet_rows": 0, **tr.evaluate()}]
             spent = 0.0
             for it in range(iterations):
@@ -284,6 +283,8 @@ def spo_section(
                 curve.append({"iteration": it + 1, "seconds": spent, "unet_rows": rows, "pairs": len(pairs),
                               "valid_rate": stats["valid"] / max(1, stats["records"]), **refresh,
                               **tr.evaluate()})  # fmt: skip
+                if "audit" in stats:  # the labels against the teacher on this iteration's (the policy's) pools
+                    curve[-1]["head_audit"] = {**audit_summary(stats["audit"]), "unet_rows": stats["audit_rows"]}
                 logger.info("%s it %d: %s", method, it + 1, curve[-1])
             out[method] = curve
     return out
@@ -308,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--spo-head-max-timestep", type=int, default=None,
         help="head methods: preference.head_max_timestep (the teacher scores the steps above it; default: none)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--spo-audit-every", type=int, default=0,
+        help="head methods: audit the labels against the teacher on every N-th iteration (preference.head_audit_every)",
     )  # fmt: skip
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
@@ -339,8 +344,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.spo_refresh_every,
             args.spo_refresh_steps,
             args.spo_head_max_timestep,
+            args.spo_audit_every,
         )
         payload["spo"] = s
+        payload["spo_audit_every"] = args.spo_audit_every
         payload["spo_threshold"] = args.spo_threshold
         payload["spo_refresh_every"] = args.spo_refresh_every
         payload["spo_head_max_timestep"] = args.spo_head_max_timestep

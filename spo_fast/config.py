@@ -94,6 +94,13 @@ class PreferenceConfig:
         "gradient, ~3x the UNet cost); false holds their outputs constant (the x0-space gradient carried by the DDIM "
         "algebra: forward passes only; toy: the same learning curve, 2.65x instead of 2.38x the official loop)",
     )
+    head_audit_every: int = _f(
+        0,
+        "with head: on every N-th iteration also score the head-labelled pools with this preference model (decode "
+        "+ score, as without a head; the pairs do not change) and log the labels' agreement with it on the policy's "
+        "own pools, per timestep bucket (metrics.jsonl head_audit): shows a head drifting as the policy moves, at "
+        "the teacher's sampling cost on those iterations (0: off)",
+    )
 
 
 @dataclass

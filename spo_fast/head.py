@@ -77,6 +77,8 @@ __all__ = [
     "HeadScorer",
     "RefreshingHeadScorer",
     "HeadMismatchError",
+    "audit_counts",
+    "audit_summary",
     "score_tail",
     "score_tail_ref",
     "direction_scores",
@@ -904,6 +906,46 @@ def timestep_buckets(timesteps: Tensor, edges: Sequence[int] = (0, 250, 500, 750
         else:
             out.append(f">{edges[-1]}")
     return out
+
+
+def audit_counts(log: Any, threshold: float, counts: dict[str, dict[str, int]] | None = None) -> dict:
+    """Additive counts of a sampler log's label audit (``PoolSampler.audit``), per timestep bucket and ``all``:
+    ``pools`` audited, ``valid`` (the teacher's best/worst pair passes ``threshold``), ``agree`` (of those, the labels
+    order the teacher's best above its worst: the held-out agreement of :func:`evaluate_agreement`, on the policy's
+    pools), ``pairs`` (the labels' own valid pairs, the ones SPO trains on) and ``pairs_agree`` (of those, the
+    teacher orders win above lose). Counts add over passes and ranks (pass ``counts`` to accumulate);
+    :func:`audit_summary` turns them into rates."""
+    counts = {} if counts is None else counts
+    for t, labels, teacher, valid, win, lose in zip(
+        log.score_timesteps, log.scores, log.audit_scores, log.valid, log.win, log.lose
+    ):
+        if teacher is None:
+            continue
+        a = pairwise_agreement(labels.t().float().cpu(), teacher.t().float(), threshold)
+        cols = torch.arange(teacher.shape[1])
+        own = valid.cpu().bool()
+        own_agree = own & (teacher[win.cpu(), cols] > teacher[lose.cpu(), cols])
+        for name in ("all", timestep_buckets(torch.tensor([int(t)]))[0]):
+            c = counts.setdefault(name, {"pools": 0, "valid": 0, "agree": 0, "pairs": 0, "pairs_agree": 0})
+            c["pools"] += teacher.shape[1]
+            c["valid"] += int(a["valid"].sum())
+            c["agree"] += int((a["valid"] & a["agree_pair"]).sum())
+            c["pairs"] += int(own.sum())
+            c["pairs_agree"] += int(own_agree.sum())
+    return counts
+
+
+def audit_summary(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Rates of :func:`audit_counts`: per bucket (and ``all``) ``agree_valid`` = agree / valid and
+    ``pair_precision`` = pairs_agree / pairs (None where the denominator is 0), with the counts."""
+
+    def rate(a: int, b: int) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {
+        name: {**c, "agree_valid": rate(c["agree"], c["valid"]), "pair_precision": rate(c["pairs_agree"], c["pairs"])}
+        for name, c in sorted(counts.items())
+    }
 
 
 @torch.no_grad()

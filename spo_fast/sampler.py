@@ -39,6 +39,12 @@ verified or refreshing). Why: a noisy-latent head judges the noisiest pools wors
 orders 93% / 86% of the teacher's valid pairs at t <= 250 / 250 < t <= 500 but 78% above 500, where even the
 teacher's own first-order gradient reaches only 85%), and those steps hold most of the valid pairs; gating there
 trades part of the head's speed-up for the teacher's pairs where the head is weakest.
+
+Label audit (``audit=True`` on a head-mode sampler with a scorer): every head-scored step also gets the teacher's
+scores of all k*b candidates (x0 estimate, decode, image scorer, as without a head), stored in the log beside the
+labels the pairs were made from; the pairs do not change. Why: a head's held-out agreement is measured on the base
+model's pools, and the policy moves away from them (the toy world's head alone drifts from ~80% to 62-70% within a
+dozen iterations); the audit measures the labels on the policy's own pools (:func:`spo_fast.head.audit_counts`).
 """
 
 from __future__ import annotations
@@ -149,6 +155,9 @@ class PoolLog:
     win: list[Tensor] = field(default_factory=list)
     lose: list[Tensor] = field(default_factory=list)
     next_index: list[Tensor] = field(default_factory=list)
+    # Label audit: the teacher's scores [k, b] of each head-scored step (None for steps not audited).
+    audit_scores: list[Tensor | None] = field(default_factory=list)
+    audit_rows: int = 0  # UNet rows the audit cost (not in PoolResult.unet_rows: it is monitoring, not sampling)
 
 
 @dataclass
@@ -201,6 +210,8 @@ class PoolSampler:
                 f"head_max_timestep must be >= 0 (0: the head scores only the final x_0), got {head_max_timestep}"
             )
         self.head_max_timestep = head_max_timestep
+        # Label audit (module docstring): set by the owner for the passes it wants audited.
+        self.audit = False
         self.config = config
         scheduler.set_timesteps(config.num_steps)
         self.timesteps = [int(t) for t in scheduler.timesteps]
@@ -289,6 +300,12 @@ class PoolSampler:
             else:
                 scores = self.scorer(x0, score_ts, cols.repeat(k))
             scores = scores.reshape(k, b).float()
+            audit = None
+            if use_head and self.audit and self.scorer is not None:
+                audit, extra = self._teacher_scores(flat, i_next, score_t, score_ts, cond_k, cols.repeat(k))
+                audit = audit.reshape(k, b).float().cpu()
+                log.audit_rows += extra
+            log.audit_scores.append(audit)
             if self.observer is not None:
                 self.observer(cur, score_t, scores, parent_x0)
             sel = ledger.select_and_record(i, self.timesteps[i], scores, cfg.threshold, parent_choice, seed=seed)
@@ -314,6 +331,17 @@ class PoolSampler:
         pp = ledger.end_pass()
         pairs = self._gather(pp, segments, log)
         return PoolResult(pairs, log, x, rows, int(pp.num_invalid))
+
+    @torch.no_grad()
+    def _teacher_scores(
+        self, flat: Tensor, i_next: int, score_t: int, score_ts: Tensor, cond_k: Any, prompt_index: Tensor
+    ) -> tuple[Tensor, int]:
+        """The teacher's scores of the k*b candidates ``flat`` as the teacher mode computes them (label audit)."""
+        if i_next >= self.config.num_steps:
+            return self.scorer(flat, score_ts, prompt_index), 0  # the final step: the candidates are x_0
+        pred = self.denoiser(flat, self._t(i_next, flat.shape[0], flat.device), cond_k)
+        x0, extra = self._lookahead_x0(flat, pred, score_t, cond_k)
+        return self.scorer(x0, score_ts, prompt_index), flat.shape[0] + extra
 
     def _verify(
         self, cur: Tensor, head_scores: Tensor, i_next: int, score_t: int, cond: Any, cols: Tensor

@@ -146,6 +146,14 @@ def validate_config(cfg: SPOConfig) -> None:
             "head_refresh_carry the teacher's gradients would label nothing: enable one of them or set "
             "head_refresh_steps >= 1"
         )
+    if pr.head_audit_every < 0:
+        raise ValueError(f"preference.head_audit_every must be >= 0 (0: off), got {pr.head_audit_every}")
+    if pr.head_audit_every and not pr.head:
+        raise ValueError(
+            "preference.head_audit_every checks a noisy-latent head's labels against this preference model and needs "
+            f"preference.head: pass --preference.head <head.pt>, trained with `{head_cmd}`, or drop "
+            "--preference.head_audit_every"
+        )
     if pr.head_refresh and not pr.head:
         raise ValueError(
             "preference.head_refresh fine-tunes a noisy-latent head during SPO and needs preference.head: pass "
@@ -541,6 +549,11 @@ class SPOTrainer:
         cfg = self.cfg
         all_pairs, prompts_all, stats = [], [], {"valid": 0, "records": 0, "scores": {}}
         offset = 0
+        every = cfg.preference.head_audit_every
+        # The label audit (PoolSampler.audit): iterations 1, 1 + N, ... so a short run audits its first one.
+        self.sampler.audit = bool(every) and self.sampler.head is not None and iteration % every == 0
+        if self.sampler.audit:
+            stats["audit"], stats["audit_rows"] = {}, 0
         for p in range(cfg.sampling.passes_per_iteration):
             pass_index = iteration * cfg.sampling.passes_per_iteration + p
             g = torch.Generator().manual_seed(_stream_seed(cfg.train.seed, pass_index, self.rank, 1))
@@ -569,6 +582,11 @@ class SPOTrainer:
                 stats["scores"].setdefault(t, []).append(sc.mean().item())
                 stats["valid"] += int(v.sum())
                 stats["records"] += v.numel()
+            if self.sampler.audit:
+                from .head import audit_counts
+
+                audit_counts(res.log, cfg.sampling.threshold, stats["audit"])
+                stats["audit_rows"] += res.log.audit_rows * cfg_mult
         return PoolPairs.cat(all_pairs), prompts_all, stats
 
     def refresh_head(self) -> dict[str, float]:
@@ -598,6 +616,12 @@ class SPOTrainer:
                 merged["records"] += s["records"]
                 for t, v in s["scores"].items():
                     merged["scores"].setdefault(t, []).extend(v)
+                if "audit" in s:  # label audit counts add over ranks
+                    merged["audit_rows"] = merged.get("audit_rows", 0) + s["audit_rows"]
+                for name, c in s.get("audit", {}).items():
+                    m = merged.setdefault("audit", {}).setdefault(name, dict.fromkeys(c, 0))
+                    for key, n in c.items():
+                        m[key] += n
             stats = merged
         return pairs, prompts, stats
 
@@ -940,6 +964,10 @@ class SPOTrainer:
                 "unet_rows": dict(self.unet_rows),
                 **train_logs,
             }
+            if "audit" in stats:
+                from .head import audit_summary
+
+                rec["head_audit"] = {**audit_summary(stats["audit"]), "unet_rows": stats["audit_rows"]}
             last = self.iteration == cfg.train.iterations
             eval_now = (cfg.log.eval_every and self.iteration % cfg.log.eval_every == 0) or last
             if self.eval_prompts and eval_now and eval_here:

@@ -315,6 +315,58 @@ def test_timestep_gated_head_needs_a_head_and_a_scorer():
         _gated_run(-1)
 
 
+def _audited_run(sign, audit, head_max_timestep=None, b=3, k=4, n=8, div=2):
+    den, teacher, head = CountingDenoiser(), TimedTeacher(), ProposingHead(sign)
+    cfg = PoolSamplerConfig(num_steps=n, num_candidates=k, divert_step=div, inner_steps=0, threshold=0.05)
+    sampler = PoolSampler(den, _sched(), teacher, cfg, head=head, head_max_timestep=head_max_timestep)
+    sampler.audit = audit
+    g = torch.Generator().manual_seed(0)
+    cond = Cond(torch.randn(b, 5, 6, generator=g))
+    return sampler.sample(cond, torch.randn(b, 2, 4, 4, generator=g), g, seed=3), den, teacher
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_label_audit_gives_the_teachers_scores_and_changes_no_pair(sign):
+    """The audit scores every head-scored pool with the teacher's own path: value for value the teacher mode's
+    scores (the candidates are the same: continuations come from the ledger's RNG, not the scores), while the pairs,
+    labels and UNet rows stay the head run's. Its counts follow: a head ranking like the teacher agrees on every
+    valid pool and every pair, a reversed one on none."""
+    from spo_fast.head import audit_counts, audit_summary
+
+    b, k = 3, 4
+    plain, *_ = _audited_run(sign, False)
+    res, den, teacher = _audited_run(sign, True)
+    teacher_run, *_ = _gated_run(None, use_head=False)
+    assert plain.log.audit_scores == [None] * len(plain.log.scores) and plain.log.audit_rows == 0
+    for name in ("win", "lose", "parent_win", "margin", "timesteps"):
+        torch.testing.assert_close(getattr(res.pairs, name), getattr(plain.pairs, name), msg=name)
+    for a, t, h, h0 in zip(res.log.audit_scores, teacher_run.log.scores, res.log.scores, plain.log.scores):
+        torch.testing.assert_close(a, t)
+        torch.testing.assert_close(h, h0)
+    assert res.unet_rows == plain.unet_rows
+    # the audit's rows: the k*b candidates' x0 estimate at every non-final scored step (no lookahead here)
+    assert res.log.audit_rows == sum(den.rows) - res.unet_rows == k * b * (len(res.log.scores) - 1)
+    counts = audit_counts(res.log, 0.05)
+    total = counts["all"]
+    assert total["pools"] == b * len(res.log.scores) == sum(c["pools"] for n, c in counts.items() if n != "all")
+    assert total["valid"] > 0 and total["pairs"] == len(res.pairs) > 0
+    summary = audit_summary(counts)["all"]
+    want = 1.0 if sign > 0 else 0.0
+    assert summary["agree_valid"] == want and summary["pair_precision"] == want
+
+
+def test_label_audit_skips_the_steps_the_teacher_labels():
+    """Gated: the steps above the gate carry the teacher's own labels; only the head's steps are audited."""
+    from spo_fast.head import audit_counts
+
+    ungated, *_ = _gated_run(None, use_head=False)
+    cut = sorted(ungated.log.score_timesteps)[len(ungated.log.score_timesteps) // 2]
+    res, *_ = _audited_run(-1.0, True, head_max_timestep=cut)
+    audited = [a is not None for a in res.log.audit_scores]
+    assert audited == [t <= cut for t in res.log.score_timesteps] and 0 < sum(audited) < len(audited)
+    assert audit_counts(res.log, 0.05)["all"]["pools"] == 3 * sum(audited)
+
+
 # ------------------------------------------------------------------------------------------------ direction head
 
 
@@ -692,7 +744,7 @@ def test_train_head_presets_follow_the_trainers_and_hold_out_prompts(tmp_path, c
     assert "teacher.checkpoint" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("mode", ["head", "verify", "gated"])
+@pytest.mark.parametrize("mode", ["head", "verify", "gated", "audit"])
 def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
     """`python -m spo_fast.train --preference.head head.pt [--preference.verify_head true | --preference.
     head_max_timestep 200]`: the trainer loads the head through the checkpoint path (compatibility checks included)
@@ -710,6 +762,8 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
         args += ["--preference.verify_head", "true"]
     if mode == "gated":
         args += ["--preference.head_max_timestep", "200"]
+    if mode == "audit":
+        args += ["--preference.head_audit_every", "1"]
     assert main(args) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     import json
@@ -717,13 +771,26 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
     # head mode: the UNet ran on the b continuations only, as plain sampling (2 prompts x 8 steps x CFG 2 rows);
     # the teacher mode would add k * b rows per scored step for the candidates' x0 and their lookahead
-    if mode == "head":
+    assert ("head_audit" in rec) == (mode == "audit")
+    if mode in ("head", "audit"):  # the audit's teacher passes are counted apart: the sampling is the head's
         assert rec["unet_rows"]["sampling"] == 2 * 8 * 2
-    elif mode == "gated":
+    if mode == "audit":
+        # the teacher on every head-scored pool: 2 prompts x 4 scored steps, the k * b candidates' x0 and 2-jump
+        # lookahead on the 3 non-final ones (x CFG 2); agreement counts per bucket that add up to "all"
+        audit = rec["head_audit"]
+        assert audit["unet_rows"] == 3 * (8 + 8) * 2 and audit["all"]["pools"] == 2 * 4
+        buckets = [c for name, c in audit.items() if name not in ("all", "unet_rows")]
+        for key in ("pools", "valid", "agree", "pairs", "pairs_agree"):
+            assert sum(c[key] for c in buckets) == audit["all"][key]
+        assert audit["all"]["pairs"] == rec["pairs"]
+        for c in [audit["all"], *buckets]:
+            assert c["agree"] <= c["valid"] <= c["pools"] and c["pairs_agree"] <= c["pairs"] <= c["pools"]
+            assert c["agree_valid"] is None or 0 <= c["agree_valid"] <= 1
+    if mode == "gated":
         # 8 steps, divert 4: scored at t = 251, 126, 1 and the final 0; above 200 only the first, where the teacher
         # takes the k * b = 8 candidates' x0 and their 2-jump lookahead (8 rows more) instead of the b continuations
         assert rec["unet_rows"]["sampling"] == (2 * 8 - 2 + 8 + 8) * 2
-    else:
+    if mode == "verify":
         # trunk 5 b rows; each of the 3 non-final scored steps: the pair's 2-jump lookahead (2 x 2b) and the
         # continuations that are not one of the pair (0..b); the final pair is scored as x_0 (b = 2, CFG 2 rows)
         assert (5 * 2 + 3 * 4 * 2) * 2 <= rec["unet_rows"]["sampling"] <= (5 * 2 + 3 * 5 * 2) * 2
@@ -764,7 +831,7 @@ def test_bench_head_spo_section_runs(tmp_path):
     out = tmp_path / "bench_head.json"
     cmd = [sys.executable, "bench_head.py", "--sections", "spo", "--head", str(path), "--spo-iterations", "1",
            "--eval-prompts", "2", "--spo-methods", "head", "head_verify", "head_refresh",
-           "--out", str(out)]  # fmt: skip
+           "--spo-audit-every", "1", "--out", str(out)]  # fmt: skip
     bench = Path(__file__).parents[1] / "bench"
     proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -777,6 +844,10 @@ def test_bench_head_spo_section_runs(tmp_path):
     # the refresh pays for the teacher's gradients and reports its fit
     assert spo["head_refresh"][1]["unet_rows"] > spo["head"][1]["unet_rows"]
     assert -1 <= spo["head_refresh"][1]["head_refresh_cos"] <= 1
+    # --spo-audit-every 1: each head method's labels against the teacher on its own pools
+    for curve in spo.values():
+        audit = curve[1]["head_audit"]
+        assert audit["all"]["pools"] > 0 and audit["unet_rows"] > 0
     # --spo-head-max-timestep 500: the teacher scores the noisier steps (their k candidates' x0 and lookahead)
     gated = tmp_path / "gated.json"
     cmd = [*cmd[: cmd.index("--spo-methods")], "--spo-methods", "head", "--spo-head-max-timestep", "500",
@@ -944,6 +1015,15 @@ def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
     cfg.preference.head_refresh_steps = 0
     cfg.preference.head_refresh_teacher_labels = cfg.preference.head_refresh_carry = False
     with pytest.raises(ValueError, match="would label nothing"):
+        validate_config(cfg)
+    # the label audit: needs a head, and N >= 0
+    cfg = _refresh_config(tmp_path / "c", path, 1)
+    cfg.preference.head, cfg.preference.head_refresh, cfg.preference.head_audit_every = "", 0, 2
+    with pytest.raises(ValueError, match="head_audit_every .*needs preference.head"):
+        validate_config(cfg)
+    cfg = _refresh_config(tmp_path / "c", path, 1)
+    cfg.preference.head_audit_every = -1
+    with pytest.raises(ValueError, match="head_audit_every must be >= 0"):
         validate_config(cfg)
     from spo_fast.head import RefreshingHeadScorer
 
