@@ -567,17 +567,18 @@ class TimedHead:
             return self.head(latents, timesteps, cond, prompt_index, parent_x0=parent_x0)
 
 
-def head_arch(comps: Any, scale: str) -> Any:
+def head_arch(comps: Any, scale: str, width: int | None = None) -> Any:
     """The head the fast+head mode times: the direction head (the chosen design, see spo_fast.head; its conv net runs
     on the b pool means), as train_head builds it by default (the potential head: a forward and a backward of the
-    small net per scored step), 128 wide at full scale, and the toy default (32 wide, 3 blocks) at small scale."""
+    small net per scored step), 128 wide at full scale, and the toy default (32 wide, 3 blocks) at small scale;
+    ``width`` overrides the width (``--head-width``)."""
     from spo_fast.head import HeadArchConfig, scheduler_signature
     from spo_fast.train_head import HeadTrainConfig
 
     full = scale == "full"
     return HeadArchConfig(
         encoder="direction", latent_channels=int(comps.unet.config.in_channels),
-        text_dim=sum(int(e.config.hidden_size) for e in comps.text_encoders), width=128 if full else 32,
+        text_dim=sum(int(e.config.hidden_size) for e in comps.text_encoders), width=width or (128 if full else 32),
         depth=4 if full else 3, downsample=0, embed_dim=128 if full else 64,
         potential=HeadTrainConfig().model.potential, scheduler=scheduler_signature(comps.scheduler),
     )  # fmt: skip
@@ -589,7 +590,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
     mode, trainer, timer = _build_fast(setup)
     comps = trainer.components
     torch.manual_seed(setup.args.seed)
-    head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale)).to(setup.device)
+    head = NoisyLatentPreferenceHead(head_arch(comps, setup.args.scale, setup.args.head_width)).to(setup.device)
     if refresh:
         scorer: Any = RefreshingHeadScorer(
             head,
@@ -639,6 +640,7 @@ def build_fast_head(setup: Setup, verify: bool = False, refresh: bool = False, t
             _state_bytes(comps.unet, *comps.text_encoders, head) + _optimizer_bytes(trainer.optimizer)
         )
     mode.details["head_parameters"] = sum(p.numel() for p in head.parameters())
+    mode.details["head_width"] = head.config.width
     mode.details["head_potential"] = head.config.potential
     mode.details["head_score_rule"] = "value" if head.scores_by_value else "gradient"
     return mode
@@ -655,7 +657,7 @@ RUNNERS: dict[str, Callable[[Setup], Mode]] = {
 PLANNED: dict[str, str] = {}
 # The run's settings copied into the JSON.
 CONFIG_KEYS = ("scale", "prompts", "k", "steps", "divert", "cfg", "train_batch", "threshold", "warmup", "iters",
-               "refresh_every", "refresh_steps", "head_max_timestep")  # fmt: skip
+               "refresh_every", "refresh_steps", "head_max_timestep", "head_width")  # fmt: skip
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -755,6 +757,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fast+head_refresh: preference.head_refresh_steps (head optimizer steps per iteration)",
     )
     ap.add_argument(
+        "--head-width", type=int, default=None, help="fast+head modes: the head's width (default: 32 small, 128 full)"
+    )
+    ap.add_argument(
         "--head-max-timestep",
         type=int,
         default=None,
@@ -777,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(
             f"--head-max-timestep must be >= 0 (0: the head scores only the final x_0), got {args.head_max_timestep}"
         )
+    if args.head_width is not None and args.head_width < 1:
+        ap.error(f"--head-width must be >= 1, got {args.head_width}")
     if args.iters is None:
         args.iters = 3 if args.scale == "small" else 2
     if args.threads is None and args.scale == "small":

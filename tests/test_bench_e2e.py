@@ -96,11 +96,12 @@ def test_bench_e2e_small_head_mode(tmp_path):
 
 def test_bench_e2e_small_timestep_gated_head(tmp_path):
     """--head-max-timestep: the steps scored above it go through decode + SPM, the rest through the head (6 steps,
-    divert 3: scored at t = 167, 1 and the final 0; the cut at 100 gives the teacher one of the three)."""
+    divert 3: scored at t = 167, 1 and the final 0; the cut at 100 gives the teacher one of the three);
+    --head-width sets the timed head's width."""
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "bench_e2e.py", "--scale", "small", "--prompts", "2", "--k", "2", "--steps", "6",
            "--divert", "3", "--train-batch", "2", "--warmup", "0", "--iters", "1", "--modes", "fast+head",
-           "--head-max-timestep", "100", "--out", str(out)]  # fmt: skip
+           "--head-max-timestep", "100", "--head-width", "16", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -108,6 +109,7 @@ def test_bench_e2e_small_timestep_gated_head(tmp_path):
     assert data["config"]["head_max_timestep"] == 100
     assert mode["pairs_per_iteration"] == [2 * 3]
     assert mode["phases"]["sampling_decode"] > 0 and mode["phases"]["sampling_score"] > 0
+    assert mode["head_width"] == data["config"]["head_width"] == 16  # --head-width: the timed head's
 
 
 def test_bench_e2e_a_failing_mode_is_reported_and_the_others_measured(tmp_path, monkeypatch):
