@@ -1,4 +1,5 @@
-"""``report.png`` of a run folder: loss, valid-pair rate, mean preference score per timestep, held-out score."""
+"""``report.png`` of a run folder: loss, valid-pair rate (and the head label audit), mean preference score per
+timestep, held-out score."""
 
 from __future__ import annotations
 
@@ -34,8 +35,14 @@ def write_report(run_dir: str | Path) -> Path:
     ax[0, 0].axhline(0.6931, ls=":", c="gray", label="log 2 (policy = reference)")
     ax[0, 0].set(title="SPO loss", xlabel="iteration")
     ax[0, 0].legend()
-    ax[0, 1].plot(it, [r["valid_rate"] for r in train], c="C1")
-    ax[0, 1].set(title="valid-pair rate", xlabel="iteration", ylim=(0, 1.05))
+    ax[0, 1].plot(it, [r["valid_rate"] for r in train], c="C1", label="valid-pair rate")
+    audits = [r for r in train if r.get("head_audit", {}).get("all", {}).get("agree_valid") is not None]
+    if audits:  # preference.head_audit_every: the head's labels against the teacher on the policy's pools
+        ax[0, 1].plot([r["iteration"] for r in audits], [r["head_audit"]["all"]["agree_valid"] for r in audits], "s--",
+                      c="C3", label="head labels: teacher's valid pairs ordered alike (audit)")  # fmt: skip
+        ax[0, 1].legend(fontsize=7)
+    ax[0, 1].set(title="valid-pair rate" + (", head label audit" if audits else ""), xlabel="iteration",
+                 ylim=(0, 1.05))  # fmt: skip
     per_t: dict[int, list[tuple[int, float]]] = {}
     for r in train:
         for t, v in r.get("score_per_timestep", {}).items():

@@ -778,6 +778,7 @@ def test_train_cli_runs_spo_with_a_direction_head(tmp_path, mode):
         # the teacher on every head-scored pool: 2 prompts x 4 scored steps, the k * b candidates' x0 and 2-jump
         # lookahead on the 3 non-final ones (x CFG 2); agreement counts per bucket that add up to "all"
         audit = rec["head_audit"]
+        assert (out / "report.png").is_file()  # the report plots the audit beside the valid-pair rate
         assert audit["unet_rows"] == 3 * (8 + 8) * 2 and audit["all"]["pools"] == 2 * 4
         buckets = [c for name, c in audit.items() if name not in ("all", "unet_rows")]
         for key in ("pools", "valid", "agree", "pairs", "pairs_agree"):
