@@ -1004,28 +1004,21 @@ def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
     keys = ("loss", "head_refresh_loss", "head_refresh_cos")
     assert [[r.get(k) for k in keys] for r in logs("a")] == [[r.get(k) for k in keys] for r in logs("b")]
 
-    cfg = _refresh_config(tmp_path / "c", path, 1)
-    cfg.preference.head = ""
-    with pytest.raises(ValueError, match="head_refresh .*needs preference.head"):
-        validate_config(cfg)
-    cfg = _refresh_config(tmp_path / "c", path, 1)
-    cfg.preference.head_refresh = -1
-    with pytest.raises(ValueError, match="head_refresh and head_refresh_steps must be >= 0"):
-        validate_config(cfg)
-    cfg = _refresh_config(tmp_path / "c", path, 1)
-    cfg.preference.head_refresh_steps = 0
-    cfg.preference.head_refresh_teacher_labels = cfg.preference.head_refresh_carry = False
-    with pytest.raises(ValueError, match="would label nothing"):
-        validate_config(cfg)
-    # the label audit: needs a head, and N >= 0
-    cfg = _refresh_config(tmp_path / "c", path, 1)
-    cfg.preference.head, cfg.preference.head_refresh, cfg.preference.head_audit_every = "", 0, 2
-    with pytest.raises(ValueError, match="head_audit_every .*needs preference.head"):
-        validate_config(cfg)
-    cfg = _refresh_config(tmp_path / "c", path, 1)
-    cfg.preference.head_audit_every = -1
-    with pytest.raises(ValueError, match="head_audit_every must be >= 0"):
-        validate_config(cfg)
+    bad = [
+        ({"head": ""}, "head_refresh .*needs preference.head"),
+        ({"head_refresh": -1}, "head_refresh and head_refresh_steps must be >= 0"),
+        ({"head_refresh_steps": 0, "head_refresh_teacher_labels": False, "head_refresh_carry": False},
+         "would label nothing"),
+        # the label audit: needs a head, and N >= 0
+        ({"head": "", "head_refresh": 0, "head_audit_every": 2}, "head_audit_every .*needs preference.head"),
+        ({"head_audit_every": -1}, "head_audit_every must be >= 0"),
+    ]  # fmt: skip
+    for overrides, match in bad:
+        cfg = _refresh_config(tmp_path / "c", path, 1)
+        for key, value in overrides.items():
+            setattr(cfg.preference, key, value)
+        with pytest.raises(ValueError, match=match):
+            validate_config(cfg)
     from spo_fast.head import RefreshingHeadScorer
 
     with pytest.raises(ValueError, match="needs a 'direction' head"):
