@@ -122,7 +122,14 @@ class HeadOptimConfig:
     batch_pools: int = _f(64, "pools per step")
     lr: float = _f(2e-3, "AdamW learning rate (cosine decay to 5%)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
-    rank_weight: float = _f(0.0, "direction head: weight of the pool ranking loss added to gradient distillation")
+    rank_weight: float = _f(
+        0.0,
+        "direction head: weight of the pool ranking loss on the teacher's scores (by the head's scoring rule: a "
+        "potential's values) added to gradient distillation",
+    )
+    rank_min_timestep: int = _f(
+        0, "direction head: the ranking loss only on pools scored above this timestep (0: every pool)"
+    )
     seed: int = _f(0, "seed of sampling, initialisation and batches")
     device: str = _f("auto", "auto | cpu | cuda")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
@@ -259,6 +266,11 @@ class HeadDistiller:
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if cfg.train.rank_weight < 0 or cfg.train.rank_min_timestep < 0:
+            raise ValueError(
+                f"train.rank_weight and train.rank_min_timestep must be >= 0 (got {cfg.train.rank_weight}, "
+                f"{cfg.train.rank_min_timestep})"
+            )
         # The head's own settings, checked before the run folder is written (the base model's sizes come later).
         HeadArchConfig(
             encoder=cfg.model.encoder, width=cfg.model.width, depth=cfg.model.depth, embed_dim=cfg.model.embed_dim,
@@ -424,9 +436,16 @@ class HeadDistiller:
                 pi, ts = data.prompt[idx].to(self.device), data.timesteps[idx].to(self.device)
                 gdir = self.head.direction(cand.mean(0), data.parent_x0[idx].to(self.device), ts, text[pi])
                 loss = direction_distillation_loss(gdir, data.grad[idx].to(self.device))
-                if cfg.rank_weight:
-                    scores = direction_scores(cand, gdir).t()
-                    loss = loss + cfg.rank_weight * pool_ranking_loss(scores, data.scores[idx].to(self.device))
+                ranked = ts > cfg.rank_min_timestep
+                if cfg.rank_weight and bool(ranked.any()):
+                    # Rank the candidates by the rule the sampler will use (a potential's values, or first order).
+                    if self.head.scores_by_value:
+                        parent = data.parent_x0[idx].to(self.device)[ranked]
+                        scores = self.head.potential_values(cand[:, ranked], parent, ts[ranked], text[pi[ranked]])
+                    else:
+                        scores = direction_scores(cand[:, ranked], gdir[ranked])
+                    target = data.scores[idx].to(self.device)[ranked]
+                    loss = loss + cfg.rank_weight * pool_ranking_loss(scores.t(), target)
             else:
                 lat = data.latents[idx].to(self.device).flatten(0, 1)
                 pidx = data.prompt[idx].to(self.device).repeat_interleave(k)

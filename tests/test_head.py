@@ -701,6 +701,40 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     assert main(bad_rule) == 2 and not (tmp_path / "badrule").exists()
 
 
+def test_ranking_term_teaches_the_value_rule_above_its_timestep(tmp_path):
+    """``train.rank_weight``: the pool ranking loss on the potential's values (the rule the sampler scores by). On
+    pools whose gradient targets carry nothing (zeros) it alone teaches the teacher's order; ``rank_min_timestep``
+    above every pool turns it off exactly (the same weights as without it); a negative setting is a clear error."""
+    from spo_fast.head import evaluate_agreement
+    from spo_fast.train_head import HeadDistiller, make_head_config
+
+    def distil(name, **train):
+        cfg = make_head_config(overrides={
+            "train": {"steps": 30, "batch_pools": 16, "lr": 5e-3, "threads": 1, **train},
+            "log": {"output_dir": str(tmp_path / name), "progress": False},
+        })  # fmt: skip
+        d = HeadDistiller(cfg)
+        g = torch.Generator().manual_seed(0)
+        P, k = 48, 4
+        lat = torch.randn(P, k, *d.components.latent_shape, generator=g)
+        prompts = ["a red circle", "a blue square"]
+        shape = lat.shape[2:]
+        data = PoolRecord(lat, torch.randint(1, 1000, (P,), generator=g), torch.randint(0, 2, (P,), generator=g),
+                          10 * lat[:, :, 0].mean((-2, -1)), prompts, parent_x0=torch.randn(P, *shape, generator=g),
+                          grad=torch.zeros(P, *shape))  # fmt: skip
+        d.train(data, data)
+        agree = evaluate_agreement(d.head, data, d._embeds(prompts), 0.05)["overall"]["agree_valid"]
+        return agree, d.head.state_dict()
+
+    plain, w0 = distil("plain")
+    ranked, _ = distil("ranked", rank_weight=5.0)
+    gated, w1 = distil("gated", rank_weight=5.0, rank_min_timestep=1000)
+    assert ranked > 0.8 and ranked > plain + 0.2
+    assert all(torch.equal(w0[key], w1[key]) for key in w0)
+    with pytest.raises(ValueError, match="rank_min_timestep must be >= 0"):
+        distil("bad", rank_weight=1.0, rank_min_timestep=-1)
+
+
 def test_train_head_presets_follow_the_trainers_and_hold_out_prompts(tmp_path, capsys):
     """`--preset sd15|sdxl` distils on the pools and x0 estimate the SPO preset of that name judges (preset < config
     file < overrides); without data.eval_prompts every 10th prompt of the file is held out, disjoint from training."""
