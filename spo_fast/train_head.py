@@ -130,6 +130,11 @@ class HeadOptimConfig:
     rank_min_timestep: int = _f(
         0, "direction head: the ranking loss only on pools scored above this timestep (0: every pool)"
     )
+    init_head: str = _f(
+        "",
+        "start from this trained head.pt (a warm start, e.g. fine-tuning with the ranking term; its model.* settings "
+        "must match this run's) instead of a fresh initialisation",
+    )
     seed: int = _f(0, "seed of sampling, initialisation and batches")
     device: str = _f("auto", "auto | cpu | cuda")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
@@ -276,6 +281,8 @@ class HeadDistiller:
             encoder=cfg.model.encoder, width=cfg.model.width, depth=cfg.model.depth, embed_dim=cfg.model.embed_dim,
             potential=cfg.model.potential and cfg.model.encoder == "direction", score_rule=cfg.model.score_rule,
         ).validate()  # fmt: skip
+        if cfg.train.init_head:
+            self._check_init_head(cfg.train.init_head)
         self.out = Path(cfg.log.output_dir)
         self._check_output(resume, overwrite)
         if cfg.train.threads:
@@ -312,6 +319,12 @@ class HeadDistiller:
         )
         torch.manual_seed(cfg.train.seed)
         self.head = NoisyLatentPreferenceHead(arch, unet=self.components.unet).to(self.device)
+        if cfg.train.init_head:
+            from .head import load_head
+
+            # load_head checks it against this base model (latent channels, text width, scheduler).
+            init = load_head(cfg.train.init_head, self.components, pretrained=cfg.model.pretrained)
+            self.head.load_state_dict(init.state_dict())
         self.optimizer = torch.optim.AdamW(
             [p for p in self.head.parameters() if p.requires_grad], lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
@@ -325,6 +338,24 @@ class HeadDistiller:
         self.history: list[dict[str, Any]] = []
         if resume:
             self._load_checkpoint()
+
+    def _check_init_head(self, path: str) -> None:
+        """train.init_head: the file is a head whose architecture is this run's model.* (checked before any work)."""
+        from .head import HEAD_VERSION
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"train.init_head: no head at {path} (the head.pt of a finished train_head run)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("version") != HEAD_VERSION or "config" not in state:
+            raise ValueError(f"train.init_head: {path} is not a spo_fast head checkpoint (version {HEAD_VERSION})")
+        m, have = self.cfg.model, state["config"]
+        want = {"encoder": m.encoder, "width": m.width, "depth": m.depth, "embed_dim": m.embed_dim,
+                "downsample": m.downsample, "levels": list(m.levels),
+                "potential": m.potential and m.encoder == "direction"}  # fmt: skip
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            parts = ", ".join(f"model.{k}: head {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"train.init_head: {path} has another architecture ({parts}): set model.* to the head's")
 
     # ------------------------------------------------------------------------------------------- run folder
     def _check_output(self, resume: bool, overwrite: bool) -> None:

@@ -1057,3 +1057,30 @@ def test_head_refresh_resumes_exactly_and_rejects_bad_settings(tmp_path):
 
     with pytest.raises(ValueError, match="needs a 'direction' head"):
         RefreshingHeadScorer(_head("latent"), None, None, None, None)
+
+
+def test_init_head_warm_starts_from_a_trained_head(tmp_path):
+    """``train.init_head``: a run starts from a trained head's weights (0 steps keep them exactly); a head of another
+    architecture or a missing file is one clear error before the run folder is written."""
+    from spo_fast.head import load_head, save_head
+    from spo_fast.train_head import HeadDistiller, make_head_config
+
+    def cfg(name, **over):
+        model = over.pop("model", {})
+        return make_head_config(overrides={
+            "model": model, "train": {"steps": 1, "threads": 1, **over},
+            "log": {"output_dir": str(tmp_path / name), "progress": False},
+        })  # fmt: skip
+
+    src = HeadDistiller(cfg("src", seed=1))
+    save_head(src.head, tmp_path / "src.pt")
+    warm = HeadDistiller(cfg("warm", seed=2, init_head=str(tmp_path / "src.pt")))
+    fresh = HeadDistiller(cfg("fresh", seed=2))
+    ref = load_head(tmp_path / "src.pt").state_dict()
+    assert all(torch.equal(warm.head.state_dict()[k].cpu(), v) for k, v in ref.items())
+    assert not all(torch.equal(fresh.head.state_dict()[k].cpu(), v) for k, v in ref.items())
+    with pytest.raises(ValueError, match=r"model.width: head 32 vs run 16"):
+        HeadDistiller(cfg("wide", model={"width": 16}, init_head=str(tmp_path / "src.pt")))
+    with pytest.raises(FileNotFoundError, match="train.init_head: no head at"):
+        HeadDistiller(cfg("missing", init_head=str(tmp_path / "none.pt")))
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "missing").exists()
