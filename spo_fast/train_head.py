@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         report = HeadDistiller(cfg, resume=args.resume, overwrite=args.overwrite).run()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad settings or a missing input file: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     ov = report["heldout"]["overall"]

@@ -1084,3 +1084,9 @@ def test_init_head_warm_starts_from_a_trained_head(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_head: no head at"):
         HeadDistiller(cfg("missing", init_head=str(tmp_path / "none.pt")))
     assert not (tmp_path / "wide").exists() and not (tmp_path / "missing").exists()
+    # the CLI: the same error as one line, exit code 2
+    from spo_fast.train_head import main
+
+    out = str(tmp_path / "cli")
+    assert main(["--train.init_head", str(tmp_path / "none.pt"), "--log.output_dir", out]) == 2
+    assert not (tmp_path / "cli").exists()
