@@ -761,6 +761,7 @@ def collect_pools(
     progress: bool = False,
     gradients: bool = False,
     gradient_at: str = "mean",
+    parents: bool = False,
 ) -> PoolRecord:
     """Sample SPO pools with the base model and the pixel-space teacher and record every scored pool.
 
@@ -768,12 +769,14 @@ def collect_pools(
     teacher (the toy world: :class:`~spo_fast.toy.ToyImageScorer`). Prompts are drawn uniformly with ``seed``.
     ``gradients=True`` also records each pool's parent x0 and the teacher's gradient at the pool mean (through the
     same x0 estimate the scorer judges: the lookahead jumps, the decoder, the teacher): the direction head's target.
-    It costs one backward pass per pool (b rows, not k*b). ``gradient_at="midpoints"`` records instead the mean of
-    the teacher's gradients at the k midpoints ``mean + (x_i - mean) / 2`` (k*b rows): a smoothed gradient, the
-    better pool direction where the score is not linear over the pool. On the toy world's held-out pools its
-    first-order rule orders 95.5% of the teacher's valid pairs (89.6% at t in (500, 750]) against 92.9% (85.1%) for
-    the gradient at the mean, and a head distilled from it on the same 96 passes reaches 80.3% instead of 77.9% (two
-    seeds; 76.4% vs 72.8% in (500, 750])."""
+    It costs one backward pass per pool (b rows, not k*b). ``parents=True`` (without ``gradients``) records the
+    parent x0 only: the input a potential head scores candidates with, for pools that teach its ranking term alone
+    (a third of a midpoint-gradient pass's recording time on the toy world). ``gradient_at="midpoints"`` records
+    instead the mean of the teacher's gradients at the k midpoints ``mean + (x_i - mean) / 2`` (k*b rows): a
+    smoothed gradient, the better pool direction where the score is not linear over the pool. On the toy world's
+    held-out pools its first-order rule orders 95.5% of the teacher's valid pairs (89.6% at t in (500, 750]) against
+    92.9% (85.1%) for the gradient at the mean, and a head distilled from it on the same 96 passes reaches 80.3%
+    instead of 77.9% (two seeds; 76.4% vs 72.8% in (500, 750])."""
     if gradient_at not in ("mean", "midpoints"):
         raise ValueError(f"gradient_at must be 'mean' or 'midpoints', got {gradient_at!r}")
     from .pipeline import CFGDenoiser
@@ -804,6 +807,8 @@ def collect_pools(
                 g = _teacher_gradient(sampler, components, grad_fn, mid, int(t), type(cond).cat([cond] * k),
                                       list(teacher.prompts) * k).view(candidates.shape).mean(0)  # fmt: skip
             rec += [parent_x0.detach().float().cpu(), g.float().cpu()]
+        elif parents:
+            rec.append(parent_x0.detach().float().cpu())
         records.append(tuple(rec))
 
     sampler = PoolSampler(den, components.scheduler, teacher, sampler_config, observer=observe)

@@ -90,6 +90,12 @@ class HeadDataConfig:
     column: str = _f("", "prompt column of json/csv/parquet files")
     train_passes: int = _f(48, "sampling passes on training prompts (pools = passes * batch * scored steps)")
     eval_passes: int = _f(6, "sampling passes on held-out prompts")
+    rank_passes: int = _f(
+        0,
+        "direction head with train.rank_weight: extra sampling passes on training prompts recorded without teacher "
+        "gradients (scores and parent x0 only: a third of a midpoint pass's time on the toy world); the ranking "
+        "term then draws its pools from these and the gradient-recorded ones",
+    )
     batch_size: int = _f(8, "prompts per sampling pass")
     gradient_at: str = _f(
         "mean",
@@ -271,6 +277,13 @@ class HeadDistiller:
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if cfg.data.rank_passes < 0:
+            raise ValueError(f"data.rank_passes must be >= 0, got {cfg.data.rank_passes}")
+        if cfg.data.rank_passes and (cfg.model.encoder != "direction" or not cfg.train.rank_weight):
+            raise ValueError(
+                "data.rank_passes feeds the ranking term of a direction head: set --train.rank_weight > 0 (e.g. 0.5) "
+                "with --model.encoder direction; a latent/unet head learns by ranking alone: raise data.train_passes"
+            )
         if cfg.train.rank_weight < 0 or cfg.train.rank_min_timestep < 0:
             raise ValueError(
                 f"train.rank_weight and train.rank_min_timestep must be >= 0 (got {cfg.train.rank_weight}, "
@@ -403,7 +416,8 @@ class HeadDistiller:
 
     # ------------------------------------------------------------------------------------------- stages
     def collect(self, split: str) -> Any:
-        """Teacher pools of ``split`` (train / eval), loaded from the run folder when already recorded."""
+        """Teacher pools of ``split`` (train / eval / rank), loaded from the run folder when already recorded. The
+        rank split (``data.rank_passes``) is recorded without teacher gradients, with the parent x0."""
         from .head import PoolRecord, collect_pools
         from .trainer import atomic_save
 
@@ -412,13 +426,15 @@ class HeadDistiller:
             return PoolRecord(**torch.load(path, map_location="cpu", weights_only=False))
         direction = self.cfg.model.encoder == "direction"
         cfg = self.cfg
-        prompts = self.train_prompts if split == "train" else self.eval_prompts
-        passes = cfg.data.train_passes if split == "train" else cfg.data.eval_passes
+        prompts = self.eval_prompts if split == "eval" else self.train_prompts
+        passes = {"train": cfg.data.train_passes, "eval": cfg.data.eval_passes, "rank": cfg.data.rank_passes}[split]
+        seed = cfg.train.seed + {"train": 0, "eval": 7919, "rank": 104729}[split]  # distinct pools per split
         t0 = time.perf_counter()
         rec = collect_pools(
             self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
-            self.sampler_config, cfg.sampling.guidance_scale, seed=cfg.train.seed + (0 if split == "train" else 7919),
-            device=self.device, progress=cfg.log.progress, gradients=direction, gradient_at=cfg.data.gradient_at,
+            self.sampler_config, cfg.sampling.guidance_scale, seed=seed, device=self.device,
+            progress=cfg.log.progress, gradients=direction and split != "rank", gradient_at=cfg.data.gradient_at,
+            parents=split == "rank",
         )  # fmt: skip
         logger.info("recorded %d %s pools in %.1f s", len(rec), split, time.perf_counter() - t0)
         atomic_save(rec.state_dict(), path)
@@ -442,7 +458,8 @@ class HeadDistiller:
     def _embeds(self, prompts: list[str]) -> torch.Tensor:
         return self.encoder(prompts).embeds.float()
 
-    def train(self, data: Any, eval_data: Any) -> None:
+    def train(self, data: Any, eval_data: Any, rank_data: Any | None = None) -> None:
+        """Optimise the head on ``data`` (``rank_data``: extra score-only pools for the ranking term)."""
         from tqdm.auto import tqdm
 
         from .head import direction_distillation_loss, direction_scores, pool_ranking_loss
@@ -450,6 +467,9 @@ class HeadDistiller:
         cfg = self.cfg.train
         k = data.latents.shape[1]
         embeds = self._embeds(data.prompts).to(self.device)
+        if rank_data is not None and rank_data.parent_x0 is None:
+            raise ValueError(f"{self.out}/data_rank.pt has no parent x0: delete it to record it again")
+        rank_embeds = self._embeds(rank_data.prompts).to(self.device) if rank_data is not None else None
         enc_unet = self.head.config.encoder == "unet"
         direction = self.head.config.encoder == "direction"
         if direction and data.grad is None:
@@ -467,8 +487,9 @@ class HeadDistiller:
                 pi, ts = data.prompt[idx].to(self.device), data.timesteps[idx].to(self.device)
                 gdir = self.head.direction(cand.mean(0), data.parent_x0[idx].to(self.device), ts, text[pi])
                 loss = direction_distillation_loss(gdir, data.grad[idx].to(self.device))
-                ranked = ts > cfg.rank_min_timestep
-                if cfg.rank_weight and bool(ranked.any()):
+                if cfg.rank_weight and rank_data is not None:
+                    loss = loss + cfg.rank_weight * self._rank_loss(data, rank_data, text, rank_embeds, g)
+                elif cfg.rank_weight and bool((ranked := ts > cfg.rank_min_timestep).any()):
                     # Rank the candidates by the rule the sampler will use (a potential's values, or first order).
                     if self.head.scores_by_value:
                         parent = data.parent_x0[idx].to(self.device)[ranked]
@@ -499,6 +520,33 @@ class HeadDistiller:
             if self.step % self.cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save_checkpoint()
 
+    def _rank_loss(
+        self, data: Any, rank_data: Any, text: torch.Tensor, rank_embeds: torch.Tensor, g: torch.Generator
+    ) -> torch.Tensor:
+        """The ranking term on its own batch, drawn from the gradient-recorded and the score-only pools together.
+        Why a separate draw: the score-only pools are the larger, cheaper set; ranking only the gradient batch
+        would leave them unused."""
+        from .head import direction_scores, pool_ranking_loss
+
+        cfg, dev = self.cfg.train, self.device
+        idx = torch.randint(0, len(data) + len(rank_data), (cfg.batch_pools,), generator=g)
+        a, b = idx[idx < len(data)], idx[idx >= len(data)] - len(data)
+        rank_text = text if rank_data.prompts == data.prompts else self.head.text_features(rank_embeds)
+        cand = torch.cat([data.latents[a], rank_data.latents[b]]).to(dev).transpose(0, 1)
+        parent = torch.cat([data.parent_x0[a], rank_data.parent_x0[b]]).to(dev)
+        ts = torch.cat([data.timesteps[a], rank_data.timesteps[b]]).to(dev)
+        tf = torch.cat([text[data.prompt[a].to(dev)], rank_text[rank_data.prompt[b].to(dev)]])
+        target = torch.cat([data.scores[a], rank_data.scores[b]]).to(dev)
+        keep = ts > cfg.rank_min_timestep
+        if not bool(keep.any()):
+            return cand.new_zeros(())
+        if self.head.scores_by_value:
+            scores = self.head.potential_values(cand[:, keep], parent[keep], ts[keep], tf[keep])
+        else:
+            scores = direction_scores(cand[:, keep], self.head.direction(cand.mean(0)[keep], parent[keep], ts[keep],
+                                                                         tf[keep]))  # fmt: skip
+        return pool_ranking_loss(scores.t(), target[keep])
+
     def evaluate(self, data: Any) -> dict[str, Any]:
         from .head import evaluate_agreement
 
@@ -510,9 +558,10 @@ class HeadDistiller:
         t0 = time.perf_counter()
         data = self.collect("train")
         eval_data = self.collect("eval")
+        rank_data = self.collect("rank") if self.cfg.data.rank_passes else None
         t_data = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self.train(data, eval_data)
+        self.train(data, eval_data, rank_data)
         t_train = time.perf_counter() - t1
         result = self.evaluate(eval_data)
         if not result["overall"]["teacher_valid"]:
@@ -537,6 +586,7 @@ class HeadDistiller:
             "trainable_parameters": n_params,
             "train_pools": len(data),
             "eval_pools": len(eval_data),
+            "rank_pools": len(rank_data) if rank_data is not None else 0,
             "steps": self.step,
             "seconds_data": t_data,
             "seconds_train": t_train,

@@ -735,6 +735,55 @@ def test_ranking_term_teaches_the_value_rule_above_its_timestep(tmp_path):
         distil("bad", rank_weight=1.0, rank_min_timestep=-1)
 
 
+def test_score_only_pools_feed_the_ranking_term(tmp_path):
+    """``data.rank_passes``: pools recorded without teacher gradients (scores and parent x0) join the ranking
+    term's draws. Here the gradient-recorded pools are few and ranked backwards, the score-only ones many and ranked
+    right: the head learns the score-only order only when they are used. End to end, the CLI records them (no
+    gradients) and reports them; without the ranking term they are one clear error before any recording."""
+    import json
+
+    from spo_fast.head import evaluate_agreement
+    from spo_fast.train_head import HeadDistiller, main, make_head_config
+
+    def distil(name, rank_data):
+        cfg = make_head_config(overrides={
+            "train": {"steps": 40, "batch_pools": 16, "lr": 5e-3, "threads": 1, "rank_weight": 5.0},
+            "log": {"output_dir": str(tmp_path / name), "progress": False},
+        })  # fmt: skip
+        d = HeadDistiller(cfg)
+        d.train(few, few, rank_data)
+        return evaluate_agreement(d.head, many, d._embeds(prompts), 0.05)["overall"]["agree_valid"]
+
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a red circle", "a blue square"]
+
+    def pools(n, sign, grads):
+        lat = torch.randn(n, 4, 4, 8, 8, generator=g)
+        parent = torch.randn(n, 4, 8, 8, generator=g)
+        return PoolRecord(lat, torch.randint(1, 1000, (n,), generator=g), torch.randint(0, 2, (n,), generator=g),
+                          sign * 10 * lat[:, :, 0].mean((-2, -1)), prompts, parent_x0=parent,
+                          grad=torch.zeros(n, 4, 8, 8) if grads else None)  # fmt: skip
+
+    few, many = pools(8, -1.0, True), pools(96, 1.0, False)
+    assert distil("with", many) > 0.8 > 0.5 > distil("without", None)
+    with pytest.raises(ValueError, match="has no parent x0"):
+        distil("noparent", PoolRecord(many.latents, many.timesteps, many.prompt, many.scores, prompts))
+
+    out = tmp_path / "cli"
+    args = ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
+            "--data.eval_passes", "1", "--data.batch_size", "2", "--sampling.num_steps", "6",
+            "--sampling.divert_step", "2", "--train.steps", "4", "--train.batch_pools", "4",
+            "--train.rank_weight", "0.5", "--data.rank_passes", "2"]  # fmt: skip
+    assert main(args) == 0
+    rank = PoolRecord(**torch.load(out / "data_rank.pt", weights_only=False))
+    train = PoolRecord(**torch.load(out / "data_train.pt", weights_only=False))
+    assert rank.grad is None and rank.parent_x0.shape == (len(rank), *rank.latents.shape[2:])
+    assert len(rank) == 2 * len(train) and not torch.equal(rank.latents[: len(train)], train.latents)
+    assert json.loads((out / "report.json").read_text())["rank_pools"] == len(rank)
+    bad = ["--log.output_dir", str(tmp_path / "bad"), "--data.rank_passes", "2"]
+    assert main(bad) == 2 and not (tmp_path / "bad").exists()
+
+
 def test_train_head_presets_follow_the_trainers_and_hold_out_prompts(tmp_path, capsys):
     """`--preset sd15|sdxl` distils on the pools and x0 estimate the SPO preset of that name judges (preset < config
     file < overrides); without data.eval_prompts every 10th prompt of the file is held out, disjoint from training."""
