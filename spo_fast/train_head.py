@@ -221,7 +221,9 @@ def make_head_config(
 
 
 def _hash(d: dict[str, Any], sections: tuple[str, ...]) -> str:
-    sub = {k: d[k] for k in sections}
+    # Settings added since a run folder was written take their defaults: a newer spo_fast resumes an older run.
+    default = dataclasses.asdict(HeadTrainConfig())
+    sub = {k: {**default[k], **d.get(k, {})} for k in sections}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 

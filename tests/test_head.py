@@ -683,6 +683,11 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     data_mtime = (out / "data_train.pt").stat().st_mtime_ns
     assert main([*args, "--resume"]) == 0
     assert (out / "data_train.pt").stat().st_mtime_ns == data_mtime
+    # a run folder written before a setting existed (here data.rank_passes) resumes with that setting's default
+    old = json.loads((out / "config.json").read_text())
+    del old["data"]["rank_passes"]
+    (out / "config.json").write_text(json.dumps(old))
+    assert main([*args, "--resume"]) == 0
     assert main(args) == 2  # the same run again without --resume: a clear error, nothing overwritten
     # the smoothed target (data.gradient_at midpoints) end to end; an unknown target fails before any recording
     mid = [*args, "--log.output_dir", str(tmp_path / "mid"), "--data.gradient_at", "midpoints"]
