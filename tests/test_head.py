@@ -657,6 +657,13 @@ def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher()
         collect_pools(comps, enc, lambda im, t, p: im.mean((1, 2, 3)), prompts, 1, 2, cfg, gradients=True)
 
 
+def _tiny_head_run(out, steps: int) -> list[str]:
+    """train_head CLI arguments of a seconds-long toy run (one 2-prompt pass each, 6 sampling steps)."""
+    return ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
+            "--data.eval_passes", "1", "--data.batch_size", "2", "--sampling.num_steps", "6",
+            "--sampling.divert_step", "2", "--train.steps", str(steps), "--train.batch_pools", "4"]  # fmt: skip
+
+
 def test_train_head_cli_direction_run_and_resume(tmp_path):
     """A tiny end-to-end distillation: data with teacher gradients, training, held-out report, head.pt that the
     sampler's HeadScorer loads; --resume on a finished run reuses the recorded data."""
@@ -665,10 +672,7 @@ def test_train_head_cli_direction_run_and_resume(tmp_path):
     from spo_fast.train_head import main
 
     out = tmp_path / "head"
-    args = ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
-            "--data.eval_passes", "1", "--data.batch_size", "2", "--sampling.num_steps", "6",
-            "--sampling.divert_step", "2", "--train.steps", "12", "--train.batch_pools", "4",
-            "--log.eval_every", "6", "--log.checkpoint_every", "6"]  # fmt: skip
+    args = [*_tiny_head_run(out, steps=12), "--log.eval_every", "6", "--log.checkpoint_every", "6"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["encoder"] == "direction" and report["steps"] == 12
@@ -775,10 +779,7 @@ def test_score_only_pools_feed_the_ranking_term(tmp_path):
         distil("noparent", PoolRecord(many.latents, many.timesteps, many.prompt, many.scores, prompts))
 
     out = tmp_path / "cli"
-    args = ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
-            "--data.eval_passes", "1", "--data.batch_size", "2", "--sampling.num_steps", "6",
-            "--sampling.divert_step", "2", "--train.steps", "4", "--train.batch_pools", "4",
-            "--train.rank_weight", "0.5", "--data.rank_passes", "2"]  # fmt: skip
+    args = [*_tiny_head_run(out, steps=4), "--train.rank_weight", "0.5", "--data.rank_passes", "2"]
     assert main(args) == 0
     rank = PoolRecord(**torch.load(out / "data_rank.pt", weights_only=False))
     train = PoolRecord(**torch.load(out / "data_train.pt", weights_only=False))
