@@ -464,14 +464,17 @@ class HeadDistiller:
         """Optimise the head on ``data`` (``rank_data``: extra score-only pools for the ranking term)."""
         from tqdm.auto import tqdm
 
-        from .head import direction_distillation_loss, direction_scores, pool_ranking_loss
+        from .head import direction_distillation_loss, pool_ranking_loss
 
         cfg = self.cfg.train
         k = data.latents.shape[1]
         embeds = self._embeds(data.prompts).to(self.device)
         if rank_data is not None and rank_data.parent_x0 is None:
             raise ValueError(f"{self.out}/data_rank.pt has no parent x0: delete it to record it again")
-        rank_embeds = self._embeds(rank_data.prompts).to(self.device) if rank_data is not None else None
+        # The score-only pools' prompt rows; None: the same prompt list as the training pools (the usual case).
+        rank_embeds = None
+        if rank_data is not None and rank_data.prompts != data.prompts:
+            rank_embeds = self._embeds(rank_data.prompts).to(self.device)
         enc_unet = self.head.config.encoder == "unet"
         direction = self.head.config.encoder == "direction"
         if direction and data.grad is None:
@@ -487,19 +490,15 @@ class HeadDistiller:
             if direction:
                 cand = data.latents[idx].to(self.device).transpose(0, 1)
                 pi, ts = data.prompt[idx].to(self.device), data.timesteps[idx].to(self.device)
-                gdir = self.head.direction(cand.mean(0), data.parent_x0[idx].to(self.device), ts, text[pi])
+                parent = data.parent_x0[idx].to(self.device)
+                gdir = self.head.direction(cand.mean(0), parent, ts, text[pi])
                 loss = direction_distillation_loss(gdir, data.grad[idx].to(self.device))
                 if cfg.rank_weight and rank_data is not None:
-                    loss = loss + cfg.rank_weight * self._rank_loss(data, rank_data, text, rank_embeds, g)
-                elif cfg.rank_weight and bool((ranked := ts > cfg.rank_min_timestep).any()):
-                    # Rank the candidates by the rule the sampler will use (a potential's values, or first order).
-                    if self.head.scores_by_value:
-                        parent = data.parent_x0[idx].to(self.device)[ranked]
-                        scores = self.head.potential_values(cand[:, ranked], parent, ts[ranked], text[pi[ranked]])
-                    else:
-                        scores = direction_scores(cand[:, ranked], gdir[ranked])
-                    target = data.scores[idx].to(self.device)[ranked]
-                    loss = loss + cfg.rank_weight * pool_ranking_loss(scores.t(), target)
+                    batch = self._rank_batch(data, rank_data, text, rank_embeds, g)
+                    loss = loss + cfg.rank_weight * self._ranking_loss(*batch)
+                elif cfg.rank_weight:
+                    target = data.scores[idx].to(self.device)
+                    loss = loss + cfg.rank_weight * self._ranking_loss(cand, parent, ts, text[pi], target, gdir)
             else:
                 lat = data.latents[idx].to(self.device).flatten(0, 1)
                 pidx = data.prompt[idx].to(self.device).repeat_interleave(k)
@@ -522,31 +521,41 @@ class HeadDistiller:
             if self.step % self.cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save_checkpoint()
 
-    def _rank_loss(
-        self, data: Any, rank_data: Any, text: torch.Tensor, rank_embeds: torch.Tensor, g: torch.Generator
-    ) -> torch.Tensor:
-        """The ranking term on its own batch, drawn from the gradient-recorded and the score-only pools together.
-        Why a separate draw: the score-only pools are the larger, cheaper set; ranking only the gradient batch
-        would leave them unused."""
+    def _rank_batch(
+        self, data: Any, rank_data: Any, text: torch.Tensor, rank_embeds: torch.Tensor | None, g: torch.Generator
+    ) -> tuple[torch.Tensor, ...]:
+        """The ranking term's own batch, drawn from the gradient-recorded and the score-only pools together. Why a
+        separate draw: the score-only pools are the larger, cheaper set; ranking only the gradient batch would leave
+        them unused."""
+        dev = self.device
+        idx = torch.randint(0, len(data) + len(rank_data), (self.cfg.train.batch_pools,), generator=g)
+        a, b = idx[idx < len(data)], idx[idx >= len(data)] - len(data)
+        rank_text = text if rank_embeds is None else self.head.text_features(rank_embeds)
+
+        def both(name: str) -> torch.Tensor:
+            return torch.cat([getattr(data, name)[a], getattr(rank_data, name)[b]]).to(dev)
+
+        tf = torch.cat([text[data.prompt[a].to(dev)], rank_text[rank_data.prompt[b].to(dev)]])
+        return both("latents").transpose(0, 1), both("parent_x0"), both("timesteps"), tf, both("scores")
+
+    def _ranking_loss(
+        self, cand: torch.Tensor, parent: torch.Tensor, ts: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
+        gdir: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The pool ranking loss of ``cand [k, n, ...]`` against the teacher's ``target [n, k]`` on the pools above
+        ``train.rank_min_timestep``, by the rule the sampler will use (a potential's values, or first order with
+        the pools' directions ``gdir``, computed here when not given)."""
         from .head import direction_scores, pool_ranking_loss
 
-        cfg, dev = self.cfg.train, self.device
-        idx = torch.randint(0, len(data) + len(rank_data), (cfg.batch_pools,), generator=g)
-        a, b = idx[idx < len(data)], idx[idx >= len(data)] - len(data)
-        rank_text = text if rank_data.prompts == data.prompts else self.head.text_features(rank_embeds)
-        cand = torch.cat([data.latents[a], rank_data.latents[b]]).to(dev).transpose(0, 1)
-        parent = torch.cat([data.parent_x0[a], rank_data.parent_x0[b]]).to(dev)
-        ts = torch.cat([data.timesteps[a], rank_data.timesteps[b]]).to(dev)
-        tf = torch.cat([text[data.prompt[a].to(dev)], rank_text[rank_data.prompt[b].to(dev)]])
-        target = torch.cat([data.scores[a], rank_data.scores[b]]).to(dev)
-        keep = ts > cfg.rank_min_timestep
+        keep = ts > self.cfg.train.rank_min_timestep
         if not bool(keep.any()):
             return cand.new_zeros(())
         if self.head.scores_by_value:
-            scores = self.head.potential_values(cand[:, keep], parent[keep], ts[keep], tf[keep])
+            scores = self.head.potential_values(cand[:, keep], parent[keep], ts[keep], text[keep])
         else:
-            scores = direction_scores(cand[:, keep], self.head.direction(cand.mean(0)[keep], parent[keep], ts[keep],
-                                                                         tf[keep]))  # fmt: skip
+            if gdir is None:
+                gdir = self.head.direction(cand.mean(0), parent, ts, text)
+            scores = direction_scores(cand[:, keep], gdir[keep])
         return pool_ranking_loss(scores.t(), target[keep])
 
     def evaluate(self, data: Any) -> dict[str, Any]:
