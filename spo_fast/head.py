@@ -762,6 +762,7 @@ def collect_pools(
     gradients: bool = False,
     gradient_at: str = "mean",
     parents: bool = False,
+    pass_range: tuple[int, int] | None = None,
 ) -> PoolRecord:
     """Sample SPO pools with the base model and the pixel-space teacher and record every scored pool.
 
@@ -776,9 +777,15 @@ def collect_pools(
     smoothed gradient, the better pool direction where the score is not linear over the pool. On the toy world's
     held-out pools its first-order rule orders 95.5% of the teacher's valid pairs (89.6% at t in (500, 750]) against
     92.9% (85.1%) for the gradient at the mean, and a head distilled from it on the same 96 passes reaches 80.3%
-    instead of 77.9% (two seeds; 76.4% vs 72.8% in (500, 750])."""
+    instead of 77.9% (two seeds; 76.4% vs 72.8% in (500, 750]).
+
+    ``pass_range=(a, b)`` records only passes ``a <= p < b`` of the ``passes``, bit for bit the pools those passes have
+    in the whole recording: recordings in shards (resumable, or split over processes) join into the same data."""
     if gradient_at not in ("mean", "midpoints"):
         raise ValueError(f"gradient_at must be 'mean' or 'midpoints', got {gradient_at!r}")
+    first, stop = pass_range if pass_range is not None else (0, passes)
+    if not 0 <= first < stop <= passes:
+        raise ValueError(f"pass_range {pass_range} must be a non-empty range within the {passes} passes")
     from .pipeline import CFGDenoiser
     from .sampler import PoolSampler
 
@@ -813,13 +820,16 @@ def collect_pools(
 
     sampler = PoolSampler(den, components.scheduler, teacher, sampler_config, observer=observe)
     g = torch.Generator().manual_seed(seed)
-    it = range(passes)
+    # Every pass's prompts drawn in order, including the passes before the range: a shard of passes records
+    # exactly the pools of the same passes in one long recording.
+    draws = [torch.randint(0, len(prompts), (batch_size,), generator=g) for _ in range(stop)]
+    it = range(first, stop)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="teacher pools")
     for p in it:
-        ids = torch.randint(0, len(prompts), (batch_size,), generator=g)
+        ids = draws[p]
         batch = [prompts[i] for i in ids.tolist()]
         teacher.prompts = batch
         gen = torch.Generator(device=device).manual_seed(seed * 100003 + p)

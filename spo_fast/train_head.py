@@ -97,6 +97,11 @@ class HeadDataConfig:
         "term then draws its pools from these and the gradient-recorded ones",
     )
     batch_size: int = _f(8, "prompts per sampling pass")
+    shard_passes: int = _f(
+        16,
+        "passes per recorded shard (data_<split>.parts/): an interrupted recording resumes after its last finished "
+        "shard, and under torchrun the processes record the shards in turn",
+    )
     gradient_at: str = _f(
         "mean",
         "direction head target: the teacher's gradient at the pool mean, or 'midpoints' (the mean of its gradients "
@@ -257,7 +262,12 @@ def _atomic_text(path: Path, text: str) -> None:
 class HeadDistiller:
     """Owns the base model, the teacher, the data and the head for one distillation run (see the module docstring)."""
 
-    def __init__(self, cfg: HeadTrainConfig, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self, cfg: HeadTrainConfig, resume: bool = False, overwrite: bool = False, dist: Any | None = None
+    ) -> None:
+        """``dist``: a :class:`~spo_fast.distributed.DistributedContext` (torchrun): every process records its share
+        of the pools' shards on its own device, and rank 0 alone trains the head and writes the results."""
+        from .distributed import DistributedContext, digest
         from .head import HeadArchConfig, NoisyLatentPreferenceHead, scheduler_signature
         from .pipeline import PromptEncoder, load_components
         from .precision import resolve_dtype
@@ -275,7 +285,14 @@ class HeadDistiller:
             raise ValueError("teacher.kind=step_aware needs teacher.checkpoint (the official step-aware model)")
         if cfg.data.gradient_at not in ("mean", "midpoints"):
             raise ValueError(f"data.gradient_at must be mean or midpoints, got {cfg.data.gradient_at!r}")
-        for key in ("train.steps", "train.batch_pools", "data.train_passes", "data.eval_passes", "data.batch_size"):
+        for key in (
+            "train.steps",
+            "train.batch_pools",
+            "data.train_passes",
+            "data.eval_passes",
+            "data.batch_size",
+            "data.shard_passes",
+        ):
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -298,13 +315,24 @@ class HeadDistiller:
         ).validate()  # fmt: skip
         if cfg.train.init_head:
             self._check_init_head(cfg.train.init_head)
+        self.dist = dist if dist is not None else DistributedContext()
+        self.dist.check_same(
+            "train_head config", digest(dataclasses.asdict(cfg)), "launch every process with the same settings"
+        )
         self.out = Path(cfg.log.output_dir)
-        self._check_output(resume, overwrite)
+        error = None
+        if self.dist.is_main:  # one process owns the run folder; the others wait for its verdict
+            try:
+                self._check_output(resume, overwrite)
+            except ValueError as e:
+                error = str(e)
+        self.dist.agree(error)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         dev = cfg.train.device
-        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else "cpu" if dev == "auto"
-                                   else dev)  # fmt: skip
+        self.device = self.dist.device if self.dist.enabled else torch.device(
+            "cuda" if dev == "auto" and torch.cuda.is_available() else "cpu" if dev == "auto" else dev
+        )  # fmt: skip
         pretrained = cfg.model.pretrained
         if pretrained == "toy":
             from .toy import toy_model_path
@@ -417,29 +445,63 @@ class HeadDistiller:
         })  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- stages
-    def collect(self, split: str) -> Any:
-        """Teacher pools of ``split`` (train / eval / rank), loaded from the run folder when already recorded. The
+    def _shards(self, split: str) -> list[tuple[int, int]]:
+        """The pass ranges of ``split``'s shards (``data.shard_passes`` passes each)."""
+        d = self.cfg.data
+        passes = {"train": d.train_passes, "eval": d.eval_passes, "rank": d.rank_passes}[split]
+        return [(a, min(a + d.shard_passes, passes)) for a in range(0, passes, d.shard_passes)]
+
+    def _shard_path(self, split: str, shard: tuple[int, int]) -> Path:
+        return self.out / f"data_{split}.parts" / f"passes_{shard[0]:06d}-{shard[1]:06d}.pt"
+
+    def record(self, split: str) -> None:
+        """Record this process's shards of ``split`` (all of them in a single process) that are not on disk yet. The
         rank split (``data.rank_passes``) is recorded without teacher gradients, with the parent x0."""
-        from .head import PoolRecord, collect_pools
+        from .head import collect_pools
+        from .trainer import atomic_save
+
+        if (self.out / f"data_{split}.pt").is_file():
+            return
+        cfg = self.cfg
+        direction = cfg.model.encoder == "direction"
+        prompts = self.eval_prompts if split == "eval" else self.train_prompts
+        passes = {"train": cfg.data.train_passes, "eval": cfg.data.eval_passes, "rank": cfg.data.rank_passes}[split]
+        seed = cfg.train.seed + {"train": 0, "eval": 7919, "rank": 104729}[split]  # distinct pools per split
+        for i, shard in enumerate(self._shards(split)):
+            path = self._shard_path(split, shard)
+            if i % self.dist.world_size != self.dist.rank or path.is_file():
+                continue
+            t0 = time.perf_counter()
+            rec = collect_pools(
+                self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
+                self.sampler_config, cfg.sampling.guidance_scale, seed=seed, device=self.device,
+                progress=cfg.log.progress, gradients=direction and split != "rank",
+                gradient_at=cfg.data.gradient_at, parents=split == "rank", pass_range=shard,
+            )  # fmt: skip
+            atomic_save(rec.state_dict(), path)
+            logger.info("recorded %d %s pools (passes %d-%d of %d) in %.1f s", len(rec), split, shard[0],
+                        shard[1] - 1, passes, time.perf_counter() - t0)  # fmt: skip
+
+    def collect(self, split: str) -> Any:
+        """Teacher pools of ``split`` (train / eval / rank): loaded from the run folder when already joined, else the
+        missing shards recorded and all of them joined into ``data_<split>.pt`` (and the shards removed)."""
+        import shutil
+
+        from .head import PoolRecord
         from .trainer import atomic_save
 
         path = self.out / f"data_{split}.pt"
         if path.is_file():
             return PoolRecord(**torch.load(path, map_location="cpu", weights_only=False))
-        direction = self.cfg.model.encoder == "direction"
-        cfg = self.cfg
-        prompts = self.eval_prompts if split == "eval" else self.train_prompts
-        passes = {"train": cfg.data.train_passes, "eval": cfg.data.eval_passes, "rank": cfg.data.rank_passes}[split]
-        seed = cfg.train.seed + {"train": 0, "eval": 7919, "rank": 104729}[split]  # distinct pools per split
-        t0 = time.perf_counter()
-        rec = collect_pools(
-            self.components, self.encoder, self._teacher(), prompts, passes, cfg.data.batch_size,
-            self.sampler_config, cfg.sampling.guidance_scale, seed=seed, device=self.device,
-            progress=cfg.log.progress, gradients=direction and split != "rank", gradient_at=cfg.data.gradient_at,
-            parents=split == "rank",
-        )  # fmt: skip
-        logger.info("recorded %d %s pools in %.1f s", len(rec), split, time.perf_counter() - t0)
+        if not self.dist.enabled:
+            self.record(split)
+        shards = [self._shard_path(split, s) for s in self._shards(split)]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:  # a process of a distributed recording failed before its shards were written
+            raise ValueError(f"{path.parent} lacks {len(missing)} recorded shard(s) ({missing[0]}, ...): --resume")
+        rec = PoolRecord.cat([PoolRecord(**torch.load(p, map_location="cpu", weights_only=False)) for p in shards])
         atomic_save(rec.state_dict(), path)
+        shutil.rmtree(shards[0].parent)
         return rec
 
     def _teacher(self) -> Any:
@@ -563,10 +625,21 @@ class HeadDistiller:
 
         return evaluate_agreement(self.head, data, self._embeds(data.prompts), self.cfg.sampling.threshold)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
+        """Record (or load) the pools, train, evaluate; the report (None on the ranks other than 0 under torchrun)."""
         from .head import save_head
 
         t0 = time.perf_counter()
+        splits = ["train", "eval"] + (["rank"] if self.cfg.data.rank_passes else [])
+        if self.dist.enabled:
+            for split in splits:
+                self.record(split)
+            # Every process's shards are on disk: the group ends here, and rank 0 alone joins them and trains the
+            # (small) head, so no process waits on a collective through the training.
+            self.dist.barrier()
+            self.dist.close(barrier=False)
+            if not self.dist.is_main:
+                return None
         data = self.collect("train")
         eval_data = self.collect("eval")
         rank_data = self.collect("rank") if self.cfg.data.rank_passes else None
@@ -677,16 +750,36 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown argument(s) {' '.join(unknown)}; valid config keys: {', '.join(_valid_keys())}")
+    ctx = None
     try:
         overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("ov:") and v is not None}
         cfg = make_head_config(args.config, overrides, preset=args.preset)
         if args.print_config:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
-        report = HeadDistiller(cfg, resume=args.resume, overwrite=args.overwrite).run()
+        from .distributed import init_distributed
+
+        ctx = init_distributed(cfg.train.device)
+        if ctx.rank != 0:  # one copy of the progress messages; warnings and errors still come from every rank
+            logging.getLogger().setLevel(logging.WARNING)
+        clean = False
+        try:
+            report = HeadDistiller(cfg, resume=args.resume, overwrite=args.overwrite, dist=ctx).run()
+            clean = True
+        except (ValueError, FileNotFoundError):
+            # A clear error: the ranks still meet once before the group ends (see DistributedContext.close). A
+            # rank that failed while recording meets the others' post-recording barrier; rank 0 then names the
+            # missing shards.
+            clean = True
+            raise
+        finally:
+            ctx.close(barrier=clean)  # a no-op once the recording closed the group
     except (ValueError, FileNotFoundError) as e:  # bad settings or a missing input file: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        where = f"rank {ctx.rank}/{ctx.world_size}: " if ctx is not None and ctx.enabled else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
+    if report is None:  # a torchrun process other than rank 0: its shards are recorded
+        return 0
     ov = report["heldout"]["overall"]
     print(json.dumps({k: report[k] for k in ("head", "encoder", "train_pools", "eval_pools", "steps")} | {
         "heldout_agree_valid": ov["agree_valid"], "standard_error": ov["agree_valid_se"], "per_bucket": {

@@ -326,9 +326,9 @@ def _cli_args(w: dict, out: Path, iterations: int = ITERS) -> list[str]:
     return args + spm + ["--dist-timeout", "120", "--dist-init-timeout", "60"]
 
 
-def _torchrun(args: list[str], port: int, **popen) -> subprocess.Popen:
+def _torchrun(args: list[str], port: int, module: str = "spo_fast.train", **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "spo_fast.train", *args]  # fmt: skip
+           "127.0.0.1", "--master_port", str(port), "-m", module, *args]  # fmt: skip
     return subprocess.Popen(cmd, env=_env(port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **popen)  # fmt: skip
 
@@ -461,6 +461,28 @@ def test_deepspeed_zero2_matches_ddp(cli_world, ddp_run):
     _finish(_torchrun(more, _free_port()), timeout=300)
     assert sorted(_losses(out)) == list(range(1, ITERS + 2))
     assert (out / "checkpoints" / "latest").read_text() == f"deepspeed/iter_{ITERS + 1:06d}"
+
+
+def test_train_head_records_its_pools_on_every_rank(tmp_path):
+    """torchrun -m spo_fast.train_head: the ranks record the pool shards in turn, rank 0 joins them and trains; the
+    joined data are bit for bit those of one process, and only rank 0 reports."""
+    from spo_fast.train_head import main as train_head
+
+    def args(out: Path) -> list[str]:
+        return ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "3",
+                "--data.eval_passes", "2", "--data.shard_passes", "1", "--data.batch_size", "2",
+                "--sampling.num_steps", "5", "--sampling.divert_step", "2", "--train.steps", "2",
+                "--train.batch_pools", "4", "--train.threads", "1", "--train.device", "cpu"]  # fmt: skip
+
+    log = _finish(_torchrun(args(tmp_path / "ranks"), _free_port(), module="spo_fast.train_head"))
+    assert log.count('"heldout_agree_valid"') == 1, "only rank 0 trains and reports"
+    assert train_head(args(tmp_path / "one")) == 0
+    for split in ("train", "eval"):
+        a = torch.load(tmp_path / "ranks" / f"data_{split}.pt", weights_only=False)
+        b = torch.load(tmp_path / "one" / f"data_{split}.pt", weights_only=False)
+        for k in ("latents", "timesteps", "prompt", "scores", "parent_x0", "grad"):
+            assert torch.equal(a[k], b[k]), (split, k)
+    assert not (tmp_path / "ranks" / "data_train.parts").exists()
 
 
 def test_unreachable_master_fails_with_a_clear_error(tmp_path):

@@ -657,6 +657,56 @@ def test_collect_pools_records_direction_targets_and_rejects_an_opaque_teacher()
         collect_pools(comps, enc, lambda im, t, p: im.mean((1, 2, 3)), prompts, 1, 2, cfg, gradients=True)
 
 
+def test_recording_in_shards_equals_one_recording_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """Pools recorded shard by shard (collect_pools' pass_range) are bit for bit the pools of one recording; a
+    train_head run killed while recording keeps its finished shards and --resume records only the missing ones."""
+    import spo_fast.head as head_mod
+    from spo_fast.head import collect_pools
+    from spo_fast.toy import ToyImageScorer, prompt_splits
+    from spo_fast.train_head import main
+
+    comps, enc = _toy()
+    prompts = list(prompt_splits()[0][:5])
+    cfg = PoolSamplerConfig(num_steps=5, num_candidates=3, divert_step=2, threshold=0.05, lookahead_steps=1)
+    whole = collect_pools(comps, enc, ToyImageScorer(), prompts, 3, 2, cfg, seed=4, parents=True)
+    parts = [collect_pools(comps, enc, ToyImageScorer(), prompts, 3, 2, cfg, seed=4, parents=True, pass_range=r)
+             for r in [(0, 1), (1, 3)]]  # fmt: skip
+    joined = PoolRecord.cat(parts)
+    for k in ("latents", "timesteps", "prompt", "scores", "parent_x0"):
+        assert torch.equal(getattr(joined, k), getattr(whole, k)), k
+    with pytest.raises(ValueError, match="non-empty range"):
+        collect_pools(comps, enc, ToyImageScorer(), prompts, 3, 2, cfg, pass_range=(2, 4))
+
+    out = tmp_path / "run"
+    args = [*_tiny_head_run(out, steps=2), "--data.train_passes", "3", "--data.shard_passes", "1"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--log.output_dir", str(ref), "--data.shard_passes", "3"]) == 0
+    real, calls = head_mod.collect_pools, []
+
+    def killed_after_two_shards(*a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while recording its third shard
+        calls.append(kw["pass_range"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(head_mod, "collect_pools", killed_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    kept = sorted(p.name for p in (out / "data_train.parts").iterdir())
+    assert kept == ["passes_000000-000001.pt", "passes_000001-000002.pt"] and not (out / "data_train.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(head_mod, "collect_pools", lambda *a, **kw: calls.append(kw["pass_range"]) or real(*a, **kw))
+    assert main([*args, "--resume"]) == 0
+    assert calls == [(2, 3), (0, 1)]  # the train split's last shard, then the held-out split's only shard
+    assert not (out / "data_train.parts").exists()
+    a = torch.load(out / "data_train.pt", weights_only=False)
+    b = torch.load(ref / "data_train.pt", weights_only=False)
+    for k in ("latents", "scores", "grad", "parent_x0"):
+        assert torch.equal(a[k], b[k]), k
+    bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.shard_passes", "0"]
+    assert main(bad) == 2 and not (tmp_path / "bad").exists()
+
+
 def _tiny_head_run(out, steps: int) -> list[str]:
     """train_head CLI arguments of a seconds-long toy run (one 2-prompt pass each, 6 sampling steps)."""
     return ["--log.output_dir", str(out), "--log.progress", "false", "--data.train_passes", "1",
