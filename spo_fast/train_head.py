@@ -6,6 +6,7 @@ head (:mod:`spo_fast.head`).
     python -m spo_fast.train_head --preset sd15 --teacher.checkpoint sd-v1-5_step-aware_preference_model.bin \\
         --data.prompts 4k_training_prompts.json                     # SD1.5, the official step-aware teacher
     python -m spo_fast.train_head --resume                          # continue an interrupted run
+    torchrun --nproc_per_node 8 -m spo_fast.train_head --preset sd15 ...  # record the pools on 8 GPUs
 
 ``--preset toy|sd15|sdxl`` starts from the base model, teacher kind and pool settings (k, branching step, pair
 threshold, lookahead) of ``python -m spo_fast.train``'s preset of that name, so the head is distilled on the pools
@@ -14,7 +15,8 @@ of ``data.prompts`` (the toy world's held-out split for ``toy``), kept out of tr
 
 Stages, each resumable: (1) sample SPO pools with the base model and the teacher on the training prompts and on
 held-out prompts, recording candidates, timesteps, prompts and teacher scores, and for the direction head the
-parent's x0 and the teacher's gradient at the pool mean (``data_train.pt``, ``data_eval.pt``); (2) train the head
+parent's x0 and the teacher's gradient at the pool mean (``data_train.pt``, ``data_eval.pt``; recorded in shards of
+``data.shard_passes`` passes, which ``--resume`` keeps and torchrun's processes share); (2) train the head
 (direction: gradient distillation, see :func:`spo_fast.head.direction_distillation_loss`; latent/unet: the pairwise
 ranking loss over each pool) (``checkpoint.pt`` every
 ``log.checkpoint_every`` steps, written atomically); (3) evaluate held-out pairwise agreement per timestep bucket

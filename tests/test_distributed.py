@@ -464,8 +464,8 @@ def test_deepspeed_zero2_matches_ddp(cli_world, ddp_run):
 
 
 def test_train_head_records_its_pools_on_every_rank(tmp_path):
-    """torchrun -m spo_fast.train_head: the ranks record the pool shards in turn, rank 0 joins them and trains; the
-    joined data are bit for bit those of one process, and only rank 0 reports."""
+    """README: `torchrun --nproc_per_node N -m spo_fast.train_head ...`: the ranks record the pool shards in turn,
+    rank 0 joins them and trains; the joined data are bit for bit those of one process, and only rank 0 reports."""
     from spo_fast.train_head import main as train_head
 
     def args(out: Path) -> list[str]:
