@@ -287,14 +287,9 @@ class HeadDistiller:
             raise ValueError("teacher.kind=step_aware needs teacher.checkpoint (the official step-aware model)")
         if cfg.data.gradient_at not in ("mean", "midpoints"):
             raise ValueError(f"data.gradient_at must be mean or midpoints, got {cfg.data.gradient_at!r}")
-        for key in (
-            "train.steps",
-            "train.batch_pools",
-            "data.train_passes",
-            "data.eval_passes",
-            "data.batch_size",
-            "data.shard_passes",
-        ):
+        positive = ("train.steps", "train.batch_pools", "data.train_passes", "data.eval_passes", "data.batch_size",
+                    "data.shard_passes")  # fmt: skip
+        for key in positive:
             sec, k = key.split(".")
             if getattr(getattr(cfg, sec), k) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -500,7 +495,10 @@ class HeadDistiller:
         shards = [self._shard_path(split, s) for s in self._shards(split)]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:  # a process of a distributed recording failed before its shards were written
-            raise ValueError(f"{path.parent} lacks {len(missing)} recorded shard(s) ({missing[0]}, ...): --resume")
+            raise ValueError(
+                f"{shards[0].parent} lacks {len(missing)} of its {len(shards)} shards ({missing[0]}, ...): a recording "
+                "process stopped early; run the same command with --resume to record them"
+            )
         rec = PoolRecord.cat([PoolRecord(**torch.load(p, map_location="cpu", weights_only=False)) for p in shards])
         atomic_save(rec.state_dict(), path)
         shutil.rmtree(shards[0].parent)

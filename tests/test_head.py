@@ -705,6 +705,14 @@ def test_recording_in_shards_equals_one_recording_and_resumes_after_an_interrupt
         assert torch.equal(a[k], b[k]), k
     bad = [*args, "--log.output_dir", str(tmp_path / "bad"), "--data.shard_passes", "0"]
     assert main(bad) == 2 and not (tmp_path / "bad").exists()
+    # rank 0 of a torchrun recording whose other process died before writing its shards: one clear error
+    from spo_fast.distributed import DistributedContext
+    from spo_fast.train_head import HeadDistiller, make_head_config
+
+    lost = HeadDistiller(make_head_config(None, {"log.output_dir": str(tmp_path / "lost"), "data.shard_passes": 16}))
+    lost.dist = DistributedContext(rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"lacks 3 of its 3 shards .*--resume"):
+        lost.collect("train")
 
 
 def _tiny_head_run(out, steps: int) -> list[str]:
