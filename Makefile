@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests in the log: CI must stay under 25 minutes
 
 test-distributed: $(STAMP)
 	$(PY) -m pytest -q -m distributed tests/test_distributed.py
